@@ -12,10 +12,40 @@ from semhitok.assets import (
     verify_folder,
     write_manifest,
 )
+from semhitok.data import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    BadItem,
+    ImageFolderDataset,
+    ImageLoadError,
+    JsonlImageDataset,
+    SkipCounter,
+    collate_skip_bad,
+    load_image,
+    read_jsonl,
+    resize_center_crop,
+    to_pil,
+    to_rgb,
+    to_tensor,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "BadItem",
+    "ImageFolderDataset",
+    "ImageLoadError",
+    "JsonlImageDataset",
+    "SkipCounter",
+    "collate_skip_bad",
+    "load_image",
+    "read_jsonl",
+    "resize_center_crop",
+    "to_pil",
+    "to_rgb",
+    "to_tensor",
     "AssetError",
     "PackagedFile",
     "cache_dir",

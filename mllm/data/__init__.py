@@ -1,0 +1,27 @@
+"""Datasets for MLLM training and evaluation: LLaVA conversations, COCO captions/objects."""
+
+from mllm.data.coco import CocoDataset
+from mllm.data.llava import (
+    IMAGE_PLACEHOLDER,
+    LlavaDataset,
+    LlavaFormatError,
+    LlavaSample,
+    PlaceholderIssue,
+    Turn,
+    load_llava,
+    parse_sample,
+    placeholder_issues,
+)
+
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "CocoDataset",
+    "LlavaDataset",
+    "LlavaFormatError",
+    "LlavaSample",
+    "PlaceholderIssue",
+    "Turn",
+    "load_llava",
+    "parse_sample",
+    "placeholder_issues",
+]
