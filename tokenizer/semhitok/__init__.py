@@ -12,6 +12,7 @@ from semhitok.assets import (
     verify_folder,
     write_manifest,
 )
+from semhitok.configio import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
 from semhitok.data import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -46,6 +47,12 @@ __all__ = [
     "to_pil",
     "to_rgb",
     "to_tensor",
+    "ConfigError",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
     "AssetError",
     "PackagedFile",
     "cache_dir",
