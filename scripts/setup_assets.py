@@ -1,4 +1,4 @@
-"""Install-time step of `make`: verify the Inception-v3 weights and convert SmolLM2 once (idempotent).
+"""Install-time step of `make`: verify the Inception-v3 weights, convert SmolLM2 and build the Qwen2.5 tokenizer once.
 
 Usage: python scripts/setup_assets.py [--force]
 """
@@ -7,9 +7,9 @@ import argparse
 import sys
 import time
 
-from semhitok import AssetError, inception_path
-
 from mllm.assets import convert_smollm2, smollm2_path
+from mllm.text_tokenizer import ensure_qwen2_tokenizer
+from semhitok import AssetError, inception_path
 
 
 def main() -> int:
@@ -28,6 +28,7 @@ def main() -> int:
             path = convert_smollm2()
             print(f"assets: converted SmolLM2-135M-Instruct in {time.perf_counter() - start:.0f}s")
         print(f"assets: SmolLM2-135M-Instruct ok: {path}")
+        print(f"assets: Qwen2.5 tokenizer ok: {ensure_qwen2_tokenizer()}")
     except AssetError as err:
         print(f"assets: error: {err}", file=sys.stderr)
         return 1

@@ -137,7 +137,6 @@ def test_smollm2_missing_from_cache_names_the_fix(tmp_path, monkeypatch):
 
 def test_real_assets_are_installed_and_verified():
     from mllm.assets import SMOLLM2_GGUF, smollm2_path
-
     from semhitok import inception_path
 
     assert inception_path().name == "default_1.pt"

@@ -12,6 +12,7 @@ from semhitok.assets import (
     verify_folder,
     write_manifest,
 )
+from semhitok.atomic import atomic_folder
 from semhitok.configio import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
 from semhitok.data import (
     DEFAULT_MAX_PIXELS,
@@ -47,6 +48,7 @@ __all__ = [
     "to_pil",
     "to_rgb",
     "to_tensor",
+    "atomic_folder",
     "ConfigError",
     "apply_overrides",
     "from_dict",

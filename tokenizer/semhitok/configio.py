@@ -99,7 +99,7 @@ def _coerce_sequence(tp: Any, origin: Any, args: tuple, value: Any, where: str) 
     if origin is tuple and args and args[-1] is not Ellipsis:
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     item = args[0] if args else Any
     items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     return tuple(items) if origin is tuple else items
