@@ -1,0 +1,320 @@
+"""Benchmarks and instruction data on synthetic scenes: GenEval metadata (and scenes that satisfy an entry), POPE,
+MME (with its scoring) and LLaVA-format conversations.
+
+Object category for POPE/MME/LLaVA is the coloured shape ("red circle"): len(SHAPES) * len(COLORS) = 60 categories.
+GenEval entries use the shape as "class" and GenEval's colour words, exactly in the schema of GenEval's
+`evaluation_metadata.jsonl` (keys tag, include, optional exclude, prompt).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+from mllm.synthetic.scene import (
+    CATEGORIES,
+    COLORS,
+    OPPOSITE,
+    RELATIONS,
+    SHAPES,
+    SamplerConfig,
+    Scene,
+    SceneObject,
+    place_objects,
+    relative_position,
+    sample_background,
+)
+from mllm.synthetic.text import (
+    RELATION_PHRASES,
+    background_phrase,
+    describe,
+    join,
+    noun_phrase,
+    plural,
+    relation_phrase,
+)
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+POPE_STRATEGIES = ("random", "popular", "adversarial")
+MME_CATEGORIES = ("existence", "count", "color", "position")
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str], k: int) -> list[str]:
+    """k distinct items in random order."""
+    return [options[i] for i in rng.choice(len(options), size=k, replace=False)]
+
+
+def _choice(rng: np.random.Generator, items: Sequence):
+    """One item, uniformly."""
+    return items[int(rng.integers(len(items)))]
+
+
+def _a(category: str) -> str:
+    """'red circle' -> 'a red circle'."""
+    color, shape = category.split()
+    return noun_phrase(1, shape, color)
+
+
+# ---------------------------------------------------------------------------------------------------- GenEval
+
+
+def geneval_prompt(include: Sequence[dict]) -> str:
+    """GenEval's wording: 'a photo of two circles', 'a photo of a red star and a blue cross',
+    'a photo of a star right of a circle' (the object with `position` comes first)."""
+    phrases = [noun_phrase(r["count"], r["class"], r.get("color")) for r in include]
+    if any("position" in r for r in include):
+        return f"a photo of {phrases[1]} {include[1]['position'][0]} {phrases[0]}"
+    return f"a photo of {join(phrases)}"
+
+
+def sample_geneval_entry(rng: np.random.Generator, tag: str) -> dict:
+    """One GenEval-style metadata entry of the synthetic domain for `tag` (one of GENEVAL_TAGS)."""
+    (s0, s1), (c0, c1) = _pick(rng, SHAPES, 2), _pick(rng, COLORS, 2)
+    count = int(rng.integers(2, 5))
+    include = {
+        "single_object": [{"class": s0, "count": 1}],
+        "two_object": [{"class": s0, "count": 1}, {"class": s1, "count": 1}],
+        "counting": [{"class": s0, "count": count}],
+        "colors": [{"class": s0, "count": 1, "color": c0}],
+        "position": [
+            {"class": s0, "count": 1},
+            {"class": s1, "count": 1, "position": [_choice(rng, RELATIONS), 0]},
+        ],
+        "color_attr": [{"class": s0, "count": 1, "color": c0}, {"class": s1, "count": 1, "color": c1}],
+    }[tag]
+    entry = {"tag": tag, "include": include}
+    if tag == "counting":
+        entry["exclude"] = [{"class": s0, "count": count + 1}]
+    return {**entry, "prompt": geneval_prompt(include)}
+
+
+def sample_geneval_entries(rng: np.random.Generator, n: int) -> list[dict]:
+    """n entries cycling through GENEVAL_TAGS (every tag appears once n >= 6)."""
+    return [sample_geneval_entry(rng, GENEVAL_TAGS[i % len(GENEVAL_TAGS)]) for i in range(n)]
+
+
+def _check_entry(entry: dict, cfg: SamplerConfig) -> None:
+    """Raise ValueError unless the entry is satisfiable in the synthetic domain."""
+    for req in entry["include"] + entry.get("exclude", []):
+        if req["class"] not in SHAPES or req.get("color", COLORS[0]) not in COLORS or req["count"] < 1:
+            raise ValueError(f"not a synthetic-domain requirement (shapes {SHAPES}, colours {COLORS}): {req}")
+    total = sum(r["count"] for r in entry["include"])
+    if total > cfg.max_objects:
+        raise ValueError(
+            f"entry asks for {total} objects, more than max_objects={cfg.max_objects}: {entry['prompt']!r}"
+        )
+    for ex in entry.get("exclude", []):
+        if sum(r["count"] for r in entry["include"] if r["class"] == ex["class"]) >= ex["count"]:
+            raise ValueError(f"entry includes and excludes the same objects: {entry}")
+
+
+def scene_for_entry(entry: dict, rng: np.random.Generator, cfg: SamplerConfig | None = None) -> Scene:
+    """A scene that satisfies a GenEval-style entry with exactly the requested objects (unspecified colours random,
+    no distractors), each `position` requirement holding for every object pair of the two groups."""
+    cfg = cfg or SamplerConfig()
+    _check_entry(entry, cfg)
+    specs, group = [], []
+    for g, req in enumerate(entry["include"]):
+        for _ in range(req["count"]):
+            specs.append((req["class"], req.get("color") or _choice(rng, COLORS)))
+            group.append(g)
+
+    def accept(objs: tuple[SceneObject, ...]) -> bool:
+        return all(
+            req["position"][0] in relative_position(objs[i].bbox, objs[j].bbox)
+            for g, req in enumerate(entry["include"])
+            if "position" in req
+            for i in range(len(objs))
+            if group[i] == g
+            for j in range(len(objs))
+            if group[j] == req["position"][1]
+        )
+
+    return Scene(place_objects(rng, specs, cfg, accept), sample_background(rng, cfg))
+
+
+# ---------------------------------------------------------------------------------------------------- POPE
+
+
+def _ranked(rng: np.random.Generator, candidates: Sequence[str], score: Counter) -> list[str]:
+    """candidates by decreasing score, ties in random order."""
+    shuffled = [candidates[i] for i in rng.permutation(len(candidates))]
+    return sorted(shuffled, key=lambda c: -score[c])
+
+
+def pope_questions(
+    scenes: Sequence[Scene], images: Sequence[str], strategy: str, rng: np.random.Generator, per_image: int = 3
+) -> list[dict]:
+    """POPE's recipe over a dataset. Per image: up to `per_image` present categories (label "yes") and as many
+    absent ones (label "no"), alternating. Negatives: `random` uniformly among absent categories; `popular` the
+    absent categories present in the most images of the dataset; `adversarial` the absent categories that co-occur
+    most often with this image's categories. Records: {question_id, image, text, label} like POPE's files."""
+    if strategy not in POPE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {POPE_STRATEGIES}, got {strategy!r}")
+    present = [sorted({o.category for o in s.objects}) for s in scenes]
+    frequency = Counter(c for cats in present for c in cats)
+    cooccur = Counter((a, b) for cats in present for a in cats for b in cats if a != b)
+    records: list[dict] = []
+    for cats, image in zip(present, images, strict=True):
+        absent = [c for c in CATEGORIES if c not in cats]
+        positives = _pick(rng, cats, min(per_image, len(cats)))
+        if strategy == "random":
+            negatives = _pick(rng, absent, len(positives))
+        elif strategy == "popular":
+            negatives = _ranked(rng, absent, frequency)[: len(positives)]
+        else:
+            score = Counter({c: sum(cooccur[(p, c)] for p in cats) for c in absent})
+            negatives = _ranked(rng, absent, score)[: len(positives)]
+        for pos, neg in zip(positives, negatives, strict=True):
+            for cat, label in ((pos, "yes"), (neg, "no")):
+                text = f"Is there {_a(cat)} in the image?"
+                records.append({"question_id": len(records) + 1, "image": image, "text": text, "label": label})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------- MME
+
+
+def _unique(scene: Scene, key) -> list[SceneObject]:
+    """Objects whose key (e.g. shape, category) no other object of the scene shares."""
+    counts = Counter(key(o) for o in scene.objects)
+    return [o for o in scene.objects if counts[key(o)] == 1]
+
+
+def _existence(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """(a present category, an absent category)."""
+    present = {o.category for o in scene.objects}
+    return _choice(rng, sorted(present)), _choice(rng, [c for c in CATEGORIES if c not in present])
+
+
+def _related(scene: Scene) -> list[tuple[SceneObject, SceneObject, frozenset[str]]]:
+    """Pairs of objects with unique categories (so 'the red circle' is well defined) that have GenEval relations."""
+    return [
+        (a, b, rels)
+        for a, b in combinations(_unique(scene, lambda o: o.category), 2)
+        if (rels := relative_position(a.bbox, b.bbox))
+    ]
+
+
+def _count_question(n: int, shape: str) -> str:
+    """'Is there exactly one star in this image?', 'Are there exactly two stars in this image?'."""
+    if n == 1:
+        return f"Is there exactly one {shape} in this image?"
+    return f"Are there exactly {noun_phrase(n, shape)} in this image?"
+
+
+def mme_pairs(scene: Scene, rng: np.random.Generator) -> dict[str, tuple[str, str]]:
+    """Per applicable MME category, a (yes question, no question) pair about one fact of the scene."""
+    yes, no = _existence(scene, rng)
+    pairs = {"existence": (f"Is there {_a(yes)} in this image?", f"Is there {_a(no)} in this image?")}
+    shape = _choice(rng, scene.objects).shape
+    n = sum(o.shape == shape for o in scene.objects)
+    pairs["count"] = (
+        _count_question(n, shape),
+        _count_question(_choice(rng, [m for m in range(1, 6) if m != n]), shape),
+    )
+    if lone := _unique(scene, lambda o: o.shape):
+        o = _choice(rng, lone)
+        other = _choice(rng, [c for c in COLORS if c != o.color])
+        pairs["color"] = (f"Is the {o.shape} in this image {o.color}?", f"Is the {o.shape} in this image {other}?")
+    if related := _related(scene):
+        a, b, rels = _choice(rng, related)
+        r = _choice(rng, sorted(rels))
+        pairs["position"] = tuple(
+            f"Is the {a.category} {RELATION_PHRASES[x]} the {b.category} in this image?" for x in (r, OPPOSITE[r])
+        )
+    return pairs
+
+
+def mme_questions(scene: Scene, image: str, rng: np.random.Generator) -> list[dict]:
+    """MME-format records, two per applicable category (answers "Yes" then "No"), grouped by `question_id` (= image)
+    like MME: {question_id, image, question, answer, category}."""
+    return [
+        {
+            "question_id": image,
+            "image": image,
+            "question": f"{q} Please answer yes or no.",
+            "answer": a,
+            "category": cat,
+        }
+        for cat, pair in mme_pairs(scene, rng).items()
+        for q, a in zip(pair, ("Yes", "No"), strict=True)
+    ]
+
+
+def parse_yes_no(text: str) -> str:
+    """'yes', 'no' or 'other', as lmms-eval's MME/POPE parsers read a model answer."""
+    t = text.lower().strip().replace(".", "")
+    if t in ("yes", "no", "y", "n"):
+        return {"y": "yes", "n": "no"}.get(t, t)
+    head = t[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+@dataclass(frozen=True)
+class MMEScore:
+    """MME's report, in percent per category: acc over questions, acc_plus over images with both questions right,
+    score = acc + acc_plus (max 200); total = sum of category scores."""
+
+    acc: dict[str, float]
+    acc_plus: dict[str, float]
+    score: dict[str, float]
+    total: float
+
+
+def mme_score(questions: Sequence[dict], predictions: Sequence[str]) -> MMEScore:
+    """Score model answers (one per MME record, in order) the way MME and lmms-eval do."""
+    right: dict[str, dict[str, list[bool]]] = {}
+    for q, pred in zip(questions, predictions, strict=True):
+        ok = parse_yes_no(pred) == q["answer"].lower()
+        right.setdefault(q["category"], {}).setdefault(q["question_id"], []).append(ok)
+    acc = {c: 100 * float(np.mean([x for v in per.values() for x in v])) for c, per in right.items()}
+    acc_plus = {c: 100 * float(np.mean([all(v) for v in per.values()])) for c, per in right.items()}
+    score = {c: acc[c] + acc_plus[c] for c in right}
+    return MMEScore(acc, acc_plus, score, sum(score.values()))
+
+
+# ---------------------------------------------------------------------------------------------------- LLaVA
+
+
+def qa_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(question, answer) pairs about a scene: description, counts, colour, position, background, yes/no."""
+    n = len(scene.objects)
+    shape = _choice(rng, SHAPES)  # often absent: "There are no crosses."
+    k = sum(o.shape == shape for o in scene.objects)
+    yes, no = _existence(scene, rng)
+    pool = [
+        ("Describe the image.", describe(scene)),
+        ("How many objects are in the image?", f"There {'is' if n == 1 else 'are'} {noun_phrase(n, 'object')}."),
+        (f"How many {plural(shape)} are there?", f"There {'is' if k == 1 else 'are'} {noun_phrase(k, shape)}."),
+        ("What does the background look like?", f"It is {background_phrase(scene)}."),
+        (f"Is there {_a(yes)} in the image? Answer yes or no.", "Yes"),
+        (f"Is there {_a(no)} in the image? Answer yes or no.", "No"),
+    ]
+    if lone := _unique(scene, lambda o: o.shape):
+        o = _choice(rng, lone)
+        pool.append((f"What color is the {o.shape}?", f"The {o.shape} is {o.color}."))
+    if related := _related(scene):
+        a, b, rels = _choice(rng, related)
+        pool.append(
+            (
+                f"Where is the {a.category} relative to the {b.category}?",
+                f"The {a.category} is {relation_phrase(rels)} the {b.category}.",
+            )
+        )
+    return pool
+
+
+def llava_conversation(scene: Scene, sample_id: str, image: str, rng: np.random.Generator, max_turns: int = 4) -> dict:
+    """A LLaVA-format record: 1..max_turns question/answer turns drawn from `qa_pool`; the first human turn starts
+    with the only "<image>\\n" placeholder."""
+    pool = qa_pool(scene, rng)
+    turns = [pool[i] for i in rng.permutation(len(pool))[: int(rng.integers(1, max_turns + 1))]]
+    conversations = []
+    for t, (q, a) in enumerate(turns):
+        conversations += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return {"id": sample_id, "image": image, "conversations": conversations}
