@@ -2,28 +2,13 @@
 
     python scripts/render_synthetic.py --out DIR --num N --size 256 --seed 0
 
-Writes DIR/images/<id>.png, scenes.jsonl (scene, captions, and the GenEval entry the scene was built for, if any),
-geneval_metadata.jsonl, pope_{random,popular,adversarial}.jsonl, mme.jsonl and llava.json; image paths are relative
-to DIR. Even ids are free random scenes; odd ids are built from GenEval-style entries (tags in turn).
+The folder layout is described in `mllm/synthetic/dataset.py`.
 """
 
 import argparse
-import json
 from pathlib import Path
 
-import numpy as np
-
-from mllm.synthetic import (
-    POPE_STRATEGIES,
-    captions,
-    llava_conversation,
-    mme_questions,
-    pope_questions,
-    render,
-    sample_geneval_entries,
-    sample_scene,
-    scene_for_entry,
-)
+from mllm.synthetic.dataset import write_dataset
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,10 +25,6 @@ def bounded_int(lo: int, hi: int):
     return parse
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
@@ -53,32 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} exists and is not a folder")
-
-    rng = np.random.default_rng(args.seed)
-    entries = sample_geneval_entries(rng, args.num // 2)
-    built = [entries[i // 2] if i % 2 else None for i in range(args.num)]
-    scenes = [scene_for_entry(e, rng) if e else sample_scene(rng) for e in built]
-    ids = [f"{i:07d}" for i in range(args.num)]
-    images = [f"images/{i}.png" for i in ids]
-
-    (args.out / "images").mkdir(parents=True, exist_ok=True)
-    for scene, image in zip(scenes, images, strict=True):
-        render(scene, args.size).save(args.out / image)
-    write_jsonl(
-        args.out / "scenes.jsonl",
-        [
-            {"id": i, "image": im, "scene": s.to_dict(), "captions": captions(s), "geneval": e}
-            for i, im, s, e in zip(ids, images, scenes, built, strict=True)
-        ],
-    )
-    write_jsonl(args.out / "geneval_metadata.jsonl", entries)
-    for strategy in POPE_STRATEGIES:
-        write_jsonl(args.out / f"pope_{strategy}.jsonl", pope_questions(scenes, images, strategy, rng))
-    write_jsonl(
-        args.out / "mme.jsonl", [q for s, im in zip(scenes, images, strict=True) for q in mme_questions(s, im, rng)]
-    )
-    llava = [llava_conversation(s, i, im, rng) for s, i, im in zip(scenes, ids, images, strict=True)]
-    (args.out / "llava.json").write_text(json.dumps(llava, indent=1))
+    write_dataset(args.out, args.num, args.size, args.seed)
     print(f"wrote {args.num} images ({args.size}px) and their annotations to {args.out}")
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from mllm.data import CocoDataset, LlavaDataset, LlavaFormatError, load_llava, parse_sample, placeholder_issues
 from semhitok import (
     BadItem,
     ImageFolderDataset,
@@ -22,8 +24,6 @@ from semhitok import (
     to_tensor,
 )
 from semhitok.data import to_rgb
-
-from mllm.data import CocoDataset, LlavaDataset, LlavaFormatError, load_llava, parse_sample, placeholder_issues
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RED, BLUE, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
@@ -222,6 +222,13 @@ def test_image_folder_dataset(image_folder):
     ok, bad = ds.scan()
     assert len(ok) == 4 and sorted(Path(b.path).name for b in bad) == sorted(f"bad_{n}" for _, n in BAD_FILES.values())
     assert isinstance(ds[ok[-1]], dict) and isinstance(ds[bad[0].index], BadItem)
+
+
+def test_flat_image_folder_is_unlabelled(tmp_path):
+    for name in ("n01_cat.jpg", "n02_dog.png"):
+        Image.new("RGB", (16, 16), RED).save(tmp_path / name)
+    ds = ImageFolderDataset(tmp_path, 8)
+    assert ds.classes == [] and ds.targets == [-1, -1] and ds[1]["label"] == -1
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -281,7 +281,8 @@ class ImageFolderDataset(_ImageFileDataset):
     """Images under `root/<class>/**`; class index = position of the top-level folder name in sorted `classes`.
 
     Items: {"image": (3, size, size) float32 in [-1, 1], "label": int, "path": str}, or a BadItem.
-    Files directly in `root` have no class and are left out (with a warning).
+    A flat folder (images directly in `root`, no class sub-folders) is an unlabelled set: label -1, `classes` empty.
+    Where both exist, files directly in `root` have no class and are left out (with a warning).
     """
 
     def __init__(
@@ -299,6 +300,11 @@ class ImageFolderDataset(_ImageFileDataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         paths = _list_images(root, extensions)
         loose = [p for p in paths if p.parent == root]
+        if loose and len(loose) == len(paths):  # flat, unlabelled folder
+            self.classes, self.class_to_idx = [], {}
+            super().__init__(paths, size, max_pixels)
+            self.targets = [-1] * len(paths)
+            return
         if loose:
             logger.warning("%d image files directly in %s have no class folder and are left out", len(loose), root)
         paths = [p for p in paths if p.parent != root]
