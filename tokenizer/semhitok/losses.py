@@ -1,0 +1,97 @@
+"""Tokenizer objectives. Every function returns `dict[str, Tensor]` of *unweighted* terms; the training loop
+multiplies them by the weights in `SemanticConfig` / `PixelConfig` / `LossConfig`, sums and logs.
+
+- semantic (stage 1): (1 - cos) and L1 between the decoded and the teacher features (DESIGN §3.1).
+- pixel (stage 2): L1 + perceptual + PatchGAN hinge with VQGAN's adaptive weight, off before `disc_start`.
+- perceptual: pluggable (`PerceptualLoss`). LPIPS backbone weights are not available offline, so the built-in one
+  is `InceptionPerceptualLoss`: LPIPS-style distance (channel-unit-normalised activations, squared difference,
+  spatial mean, uniform layer weights, no learned linear heads) on the real ImageNet Inception-v3's stages.
+  Results must say which perceptual network was used.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semhitok.config import LossConfig, TeacherConfig
+from semhitok.modules import NLayerDiscriminator
+from semhitok.teachers import InceptionTeacher
+
+
+def semantic_loss(recon: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """recon, target (B, L, D_teacher) -> {"cosine": mean(1 - cos), "l1": mean |recon - target|}."""
+    cosine = 1.0 - F.cosine_similarity(recon.float(), target.float(), dim=-1).mean()
+    return {"cosine": cosine, "l1": F.l1_loss(recon.float(), target.float())}
+
+
+class PerceptualLoss(Protocol):
+    def __call__(self, recon: Tensor, target: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> scalar distance, differentiable w.r.t. recon."""
+        ...
+
+
+class InceptionPerceptualLoss(nn.Module):
+    """LPIPS-style distance on the frozen Inception-v3's activations (see the module docstring)."""
+
+    def __init__(self, network: InceptionTeacher, layers: tuple[str, ...] = ("mixed_2", "mixed_5", "mixed_7", "mixed_10")):
+        super().__init__()
+        self.network, self.layers = network, tuple(layers)
+
+    def forward(self, recon: Tensor, target: Tensor) -> Tensor:
+        with torch.no_grad():
+            want = self.network.feature_maps(target, self.layers)
+        got = self.network.feature_maps(recon, self.layers)
+        return sum(_normalized_distance(got[k], want[k]) for k in self.layers) / len(self.layers)
+
+
+def _normalized_distance(a: Tensor, b: Tensor) -> Tensor:
+    a, b = F.normalize(a, dim=1, eps=1e-10), F.normalize(b, dim=1, eps=1e-10)  # unit length over channels
+    return (a - b).pow(2).sum(1).mean()
+
+
+def build_perceptual_loss(cfg: LossConfig, inception: InceptionTeacher | None = None) -> PerceptualLoss | None:
+    """The configured perceptual network (None for "none"); pass `inception` to share an already loaded one."""
+    if cfg.perceptual == "none":
+        return None
+    network = inception or InceptionTeacher(TeacherConfig(kind="inception", layer="mixed_7", dim=768), grid=1)
+    return InceptionPerceptualLoss(network, cfg.perceptual_layers)
+
+
+def pixel_losses(recon: Tensor, target: Tensor, perceptual: PerceptualLoss | None = None) -> dict[str, Tensor]:
+    """images (B, 3, H, W) -> {"l1", "perceptual"} (perceptual is 0 when no network is given)."""
+    zero = recon.new_zeros(())
+    return {"l1": F.l1_loss(recon, target), "perceptual": perceptual(recon, target) if perceptual else zero}
+
+
+def build_discriminator(cfg: LossConfig) -> NLayerDiscriminator:
+    """The PatchGAN of the loss config (trained by the loop's own optimizer; not part of the tokenizer)."""
+    return NLayerDiscriminator(cfg.disc_ch, cfg.disc_layers)
+
+
+def gan_active(step: int, cfg: LossConfig) -> bool:
+    """The GAN terms start after the warm-up (`disc_start` steps)."""
+    return step >= cfg.disc_start
+
+
+def d_loss(logits_real: Tensor, logits_fake: Tensor) -> dict[str, Tensor]:
+    """Hinge loss of the discriminator; pass `fake` images detached. -> {"d_loss", "logits_real", "logits_fake"}."""
+    loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    return {"d_loss": loss, "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
+
+
+def g_loss(logits_fake: Tensor) -> dict[str, Tensor]:
+    """Generator hinge term: -mean D(fake)."""
+    return {"g_loss": -logits_fake.mean()}
+
+
+def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
+    """VQGAN's balance: |grad rec_loss| / |grad gan_loss| at the decoder's last layer, clamped, detached.
+
+    The training loop adds `gan_weight * adaptive_weight * g_loss` (and 0 before `disc_start`)."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()

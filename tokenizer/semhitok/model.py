@@ -1,0 +1,344 @@
+"""`SemHiTok`: the tokenizer model (DESIGN §3).
+
+Semantic branch (stage 1): student ViT at the token grid -> Linear-Tanh-Linear task layer -> l2-normalised d_sem ->
+EMA cosine VQ (K codes) -> small transformer decoder back to the teacher's features.
+Pixel branch (stage 2): ViT or CNN encoder on the same grid -> l2-normalised d_pix -> stage-2 quantizer
+(hierarchical sub-codebooks, or the flat / shared baselines) -> VQGAN decoder on concat(proj(semantic code), texture
+code). Stage 2b swaps in the wider "enhance" decoder and freezes everything else.
+
+The teacher is held outside the module tree: it is never saved, never in `parameters()`, never wrapped by
+DDP; it is rebuilt from the config on first use (or passed in) and follows the input's device.
+Losses live in `losses.py`; the training loop weights them. Checkpoints are `config.json` + `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops.layers.torch import Rearrange
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from semhitok.atomic import atomic_folder
+from semhitok.config import SemHiTokConfig
+from semhitok.modules import Decoder, Encoder, PatchViT, TokenDecoder
+from semhitok.quantizers import (
+    EMAQuantizer,
+    FlatQuantizer,
+    HierarchicalQuantizer,
+    SharedIndexQuantizer,
+    SubCodebookQuantizer,
+)
+from semhitok.teachers import Teacher, build_teacher
+from semhitok.types import QuantizerOutput, TokenGrid
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+STAGES = ("1", "2", "2b")
+
+
+# ------------------------------------------------------------------------------------------------- builders
+
+
+def build_semantic_quantizer(cfg: SemHiTokConfig) -> EMAQuantizer:
+    s = cfg.semantic
+    return EMAQuantizer(s.codebook_size, s.d_sem, s.ema_decay, s.init, s.init_batches, s.kmeans_iters,
+                        s.dead_code_threshold)
+
+
+def build_stage2_quantizer(cfg: SemHiTokConfig) -> nn.Module:
+    """hierarchical (owns the semantic EMA VQ) | flat | shared; all index K*m codes."""
+    dims, q, p = (cfg.semantic.d_sem, cfg.pixel.d_pix), cfg.quantizer, cfg.pixel
+    if q.kind == "hierarchical":
+        texture = SubCodebookQuantizer(cfg.K, cfg.m, p.d_pix, p.dead_code_ratio, cfg.semantic.ema_decay)
+        return HierarchicalQuantizer(semantic=build_semantic_quantizer(cfg), texture=texture)
+    if q.kind == "flat":
+        return FlatQuantizer(cfg.vocab_size, dims, q.dead_code_threshold, cfg.semantic.ema_decay)
+    return SharedIndexQuantizer(cfg.vocab_size, dims, q.shared_weights, q.dead_code_threshold, cfg.semantic.ema_decay)
+
+
+def build_pixel_encoder(cfg: SemHiTokConfig) -> nn.Module:
+    """images (B, 3, H, W) -> (B, L, d_pix) (not yet normalised)."""
+    p = cfg.pixel
+    if p.encoder == "vit":
+        return nn.Sequential(PatchViT(cfg.image_size, cfg.patch_size, p.width, p.depth, p.heads), nn.Linear(p.width, p.d_pix))
+    return nn.Sequential(Encoder(p.ch, p.ch_mult, p.num_res_blocks, p.d_pix), Rearrange("b c h w -> b (h w) c"))
+
+
+def build_pixel_decoder(cfg: SemHiTokConfig) -> Decoder:
+    p = cfg.pixel
+    ch, blocks = (p.enhance_ch, p.enhance_num_res_blocks) if p.use_enhance_decoder else (p.ch, p.num_res_blocks)
+    return Decoder(ch, p.ch_mult, blocks, p.semantic_proj_dim + p.d_pix)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+class SemHiTok(nn.Module):
+    """Image tokenizer: `encode` images -> TokenGrid, `decode` TokenGrid -> images, `code_embeddings` for the MLLM.
+
+    `teacher`: an already built teacher to share (else built from the config on first use).
+    `init_from_teacher=False` skips copying teacher blocks into the student even if the config asks for it
+    (`from_pretrained` overwrites the weights anyway, and then needs no teacher)."""
+
+    def __init__(self, config: SemHiTokConfig, teacher: Teacher | None = None, init_from_teacher: bool = True):
+        super().__init__()
+        self.config = config
+        self._teacher = (teacher,) if teacher is not None else ()  # a tuple keeps it out of the module tree
+        self._frozen: list[nn.Module] = []
+        s, L = config.semantic, config.grid**2
+        self.semantic_encoder = PatchViT(config.image_size, config.patch_size, s.width, s.depth, s.heads, s.mlp_ratio)
+        self.semantic_head = nn.Sequential(nn.Linear(s.width, s.width), nn.Tanh(), nn.Linear(s.width, s.d_sem))
+        self.semantic_decoder = TokenDecoder(L, s.d_sem, s.decoder_width, s.decoder_depth, s.decoder_heads,
+                                             config.teacher.dim)
+        self.quantizer = build_stage2_quantizer(config)
+        if config.quantizer.kind != "hierarchical":
+            self.stage1_quantizer = build_semantic_quantizer(config)  # baselines: semantic VQ of stage 1 only
+        self.pixel_encoder = build_pixel_encoder(config)
+        self.semantic_proj = nn.Linear(s.d_sem, config.pixel.semantic_proj_dim)
+        self.pixel_decoder = build_pixel_decoder(config)
+        if s.init_from_teacher and init_from_teacher:
+            load_student_from_teacher(self.semantic_encoder, self.teacher.student_init_state())
+
+    # ---------------------------------------------------------------- parts
+
+    @property
+    def teacher(self) -> Teacher:
+        """The frozen teacher, built from the config on first use."""
+        if not self._teacher:
+            self._teacher = (build_teacher(self.config.teacher, self.config.grid),)
+        return self._teacher[0]
+
+    @property
+    def semantic_quantizer(self) -> EMAQuantizer:
+        """The stage-1 semantic EMA VQ (for "hierarchical" it is also level 1 of the stage-2 quantizer)."""
+        return self.quantizer.semantic if isinstance(self.quantizer, HierarchicalQuantizer) else self.stage1_quantizer
+
+    def semantic_modules(self) -> list[nn.Module]:
+        return [self.semantic_encoder, self.semantic_head, self.semantic_quantizer, self.semantic_decoder]
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        """Trainable parameters of a stage: "1" semantic branch, "2" pixel branch + stage-2 codebook,
+        "2b" the (enhance) pixel decoder. Frozen parameters are never included."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage == "1":
+            modules = self.semantic_modules()
+        elif stage == "2":
+            modules = [self.pixel_encoder, self.quantizer, self.semantic_proj, self.pixel_decoder]
+        else:
+            modules = [self.pixel_decoder]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    @property
+    def last_decoder_layer(self) -> Tensor:
+        """Weight of the pixel decoder's output conv, for the adaptive GAN weight."""
+        return self.pixel_decoder.conv_out.weight
+
+    # ---------------------------------------------------------------- freezing
+
+    def freeze_semantic(self) -> None:
+        """Stage 2: the semantic branch (encoder, task layer, EMA codebook, decoder) never changes again."""
+        self._freeze(self.semantic_modules())
+
+    def use_enhance_decoder(self) -> None:
+        """Stage 2b: replace the pixel decoder by the wider enhance decoder (fresh), freeze everything else."""
+        self.config = replace(self.config, pixel=replace(self.config.pixel, use_enhance_decoder=True))
+        old = self.pixel_decoder.conv_out.weight
+        self.pixel_decoder = build_pixel_decoder(self.config).to(device=old.device, dtype=old.dtype)
+        self._freeze([m for m in self.children() if m is not self.pixel_decoder])
+
+    def _freeze(self, modules: list[nn.Module]) -> None:
+        for m in modules:
+            m.requires_grad_(False)
+            m.eval()
+            if all(m is not f for f in self._frozen):
+                self._frozen.append(m)
+
+    def train(self, mode: bool = True) -> SemHiTok:
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()  # frozen parts (and their EMA statistics) never update
+        return self
+
+    # ---------------------------------------------------------------- latents
+
+    def teacher_features(self, images: Tensor) -> Tensor:
+        """Semantic targets (B, L, D_teacher), no grad."""
+        with torch.no_grad():
+            return self.teacher.to(images.device).features(images)
+
+    def semantic_latent(self, images: Tensor) -> Tensor:
+        """images -> (B, L, d_sem), l2-normalised."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and _trainable(self.semantic_encoder)):
+            return F.normalize(self.semantic_head(self.semantic_encoder(images)), dim=-1)
+
+    def pixel_latent(self, images: Tensor) -> Tensor:
+        """images -> (B, L, d_pix), l2-normalised."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and _trainable(self.pixel_encoder)):
+            return F.normalize(self.pixel_encoder(images), dim=-1)
+
+    def decode_latent(self, z_q: Tensor) -> Tensor:
+        """z_q (B, L, d_sem + d_pix) -> images (B, 3, H, W), unclamped."""
+        z_sem, z_pix = z_q.split((self.config.semantic.d_sem, self.config.pixel.d_pix), dim=-1)
+        z = torch.cat([self.semantic_proj(z_sem), z_pix], dim=-1)  # (B, L, c)
+        g = self.config.grid
+        return self.pixel_decoder(z.transpose(1, 2).reshape(z.shape[0], -1, g, g))  # decoder input (B, c, h, w)
+
+    # ---------------------------------------------------------------- training forwards
+
+    def forward_stage1(self, images: Tensor) -> dict[str, Tensor | QuantizerOutput]:
+        """-> {"semantic_recon" (B, L, D_t), "semantic_target" (B, L, D_t), "quantizer": QuantizerOutput}."""
+        self._check_images(images)
+        target = self.teacher_features(images)
+        q = self.semantic_quantizer(self.semantic_latent(images))
+        return {"semantic_recon": self.semantic_decoder(q.z_q), "semantic_target": target, "quantizer": q}
+
+    def forward_stage2(self, images: Tensor) -> dict[str, Tensor | QuantizerOutput]:
+        """-> {"recon" (B, 3, H, W) unclamped, "quantizer": QuantizerOutput of the stage-2 codebook}.
+        Also used for stage 2b (then only the enhance decoder is trainable). Training needs `freeze_semantic()`."""
+        self._check_images(images)
+        if self.training and _trainable(self.semantic_encoder):
+            raise RuntimeError("stage 2 must not change the semantic branch: call model.freeze_semantic() first")
+        q = self.quantizer(torch.cat([self.semantic_latent(images), self.pixel_latent(images)], dim=-1))
+        return {"recon": self.decode_latent(q.z_q), "quantizer": q}
+
+    def forward(self, images: Tensor, stage: str = "2") -> dict[str, Tensor | QuantizerOutput]:
+        """Dispatch for DDP wrappers: stage "1" -> forward_stage1, "2" / "2b" -> forward_stage2."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        return self.forward_stage1(images) if stage == "1" else self.forward_stage2(images)
+
+    # ---------------------------------------------------------------- public API
+
+    def encode(self, images: Tensor) -> TokenGrid:
+        """images (B, 3, H, W) in [-1, 1] -> TokenGrid (B, h, w); eval mode, no grad, no statistics updates."""
+        self._check_images(images)
+        with self._inference():
+            z = torch.cat([self.semantic_latent(images), self.pixel_latent(images)], dim=-1)
+            indices = self.quantizer(z).indices  # (B, L) in [0, K*m)
+        g, m = self.config.grid, self.config.m
+        return TokenGrid(indices.div(m, rounding_mode="floor").view(-1, g, g), indices.remainder(m).view(-1, g, g))
+
+    def decode(self, grid: TokenGrid) -> Tensor:
+        """TokenGrid -> images (B, 3, H, W) in [-1, 1]."""
+        with self._inference():
+            z_q = self.quantizer.lookup(self._flat_indices(grid).flatten(1))  # (B, L, d_sem + d_pix)
+            return self.decode_latent(z_q).clamp(-1.0, 1.0)
+
+    def code_embeddings(self, grid: TokenGrid) -> tuple[Tensor, Tensor]:
+        """TokenGrid -> (emb_sem (B, h, w, d_sem), emb_pix (B, h, w, d_pix)): the codebook vectors per patch."""
+        with torch.no_grad():
+            z = self.quantizer.lookup(self._flat_indices(grid))  # (B, h, w, d_sem + d_pix)
+        emb_sem, emb_pix = z.split((self.config.semantic.d_sem, self.config.pixel.d_pix), dim=-1)
+        return emb_sem, emb_pix
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the folder `directory` = `config.json` + `model.safetensors`, atomically (built in a hidden
+        sibling, then swapped in: a crash leaves the old or the new checkpoint, never a mix). Replaces the folder."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_folder(directory) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, teacher: Teacher | None = None) -> SemHiTok:
+        """Strict load of a `save_pretrained` folder; clear errors for missing/corrupt files and any mismatch."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"SemHiTok checkpoint folder not found: {directory}")
+        config = _read_config(directory / CONFIG_NAME)
+        state = _read_weights(directory / WEIGHTS_NAME)
+        model = cls(config, teacher=teacher, init_from_teacher=False)
+        _check_state(model.state_dict(), state, config, directory)
+        model.load_state_dict(state, strict=True)
+        return model
+
+    # ---------------------------------------------------------------- input checks
+
+    def _check_images(self, images: Tensor) -> None:
+        S = self.config.image_size
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1:] != (3, S, S):
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected images of shape (B, 3, {S}, {S}) in [-1, 1], got {got}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected floating-point images in [-1, 1], got dtype {images.dtype}")
+
+    def _flat_indices(self, grid: TokenGrid) -> Tensor:
+        """Validated TokenGrid -> f = i * m + j (B, h, w) on the model's device."""
+        g, K, m = self.config.grid, self.config.K, self.config.m
+        if grid.shape[1:] != (g, g):
+            raise ValueError(f"expected a TokenGrid of shape (B, {g}, {g}), got {grid.shape}")
+        for name, value, n in (("semantic", grid.semantic, K), ("texture", grid.texture, m)):
+            if value.numel() and (value.min() < 0 or value.max() >= n):
+                raise ValueError(f"{name} indices must be in [0, {n}), got range [{int(value.min())}, {int(value.max())}]")
+        grid = grid.to(self.semantic_proj.weight.device)
+        return grid.semantic * m + grid.texture
+
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode + no grad for the block, then every submodule's previous mode is restored."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def load_student_from_teacher(student: PatchViT, teacher_state: dict[str, Tensor]) -> None:
+    """Copy the teacher's patch embedding, positions and first blocks into the student; shapes must agree."""
+    own = student.state_dict()
+    shared = {k: v for k, v in teacher_state.items() if k in own}
+    bad = [f"{k}: student {tuple(own[k].shape)} vs teacher {tuple(v.shape)}" for k, v in shared.items()
+           if own[k].shape != v.shape]
+    if bad or not shared:
+        raise ValueError("semantic.init_from_teacher: teacher and student shapes differ: " + "; ".join(bad or ["no shared keys"]))
+    student.load_state_dict({**own, **shared}, strict=True)
+
+
+def _read_config(path: Path) -> SemHiTokConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt {path}: not valid JSON ({err})") from None
+    return SemHiTokConfig.from_dict(data)
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises several error types for truncated / garbage files
+        raise ValueError(f"corrupt {path}: cannot read safetensors ({err})") from None
+
+
+def _check_state(expected: dict[str, Tensor], state: dict[str, Tensor], config: SemHiTokConfig, where: Path) -> None:
+    """Name every missing / unexpected key and every shape mismatch between config and checkpoint."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint {where} does not match its config.json (K={config.K}, m={config.m}, "
+            f"quantizer={config.quantizer.kind}): missing keys {missing}, unexpected keys {unexpected}, "
+            f"shape mismatches {shapes}"
+        )
