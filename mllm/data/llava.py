@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from semhitok import DEFAULT_MAX_PIXELS, BadItem, ImageLoadError, load_image, read_jsonl, to_tensor
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,496 @@
+"""`SemHiTokLM`: any Hugging Face causal LM wrapped (never forked) with SemHiTok's visual vocabulary (DESIGN §4).
+
+Parts around the LLM, all in this file:
+    DualMLPAdapter   (emb_sem, emb_pix) code vectors -> one LLM embedding per patch; the SAME adapter embeds image ids
+                     for understanding (expanded `<image>` placeholders) and generation (ids inside `<boi> … <eoi>`)
+    FlatImageHead / FactorizedImageHead   hidden -> K*m image logits (flat), or i over K then j over m given i
+    SpecialRows      trainable embedding / output rows of `<boi>`, `<eoi>`, `<image>` that override the LLM's rows,
+                     so the new tokens train even when the LLM is frozen or LoRA-adapted
+The code vectors of all K*m image ids are copied once from the SemHiTok checkpoint into frozen buffers: training never
+runs the tokenizer. Text ids use the LLM's own embedding and lm_head; image ids are inline in `input_ids`
+(`VisualVocab`), so one masked scatter places every image embedding. Losses are computed on the labelled positions
+only, in checkpointed chunks, so (B, L, K*m) logits never exist.
+
+The LLM is only touched through generic HF APIs (`get_input_embeddings`, `get_output_embeddings`, `get_decoder`,
+`resize_token_embeddings`, `gradient_checkpointing_enable`), so Llama/Vicuna, Qwen2/2.5 and SmolLM2 share every line.
+(Models that post-process logits after lm_head, e.g. Gemma-2 soft-capping, are not special-cased.)
+
+Checkpoint folder (`save_pretrained`): mllm_config.json, vocab.json, mllm_parts.safetensors (adapter, head, special
+rows), lora/ (PEFT adapter, when LoRA trains) or llm/ (whole HF model, when the LLM trains fully). The base LLM and
+the SemHiTok checkpoint are referenced by path, not copied; relative paths in a saved mllm_config.json are relative
+to its folder. `export_merged` writes a plain HF folder (LoRA merged, special rows written in, extended tokenizer)
+plus our parts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mllm.conversation import IGNORE_INDEX
+from mllm.text_tokenizer import load_text_tokenizer
+from mllm.vocab import VisualVocab, VocabError
+from semhitok import ConfigError, SemHiTok, TokenGrid, atomic_folder, from_dict, save_config, to_dict
+
+CONFIG_NAME, VOCAB_NAME, PARTS_NAME = "mllm_config.json", "vocab.json", "mllm_parts.safetensors"
+LORA_DIR, LORA_WEIGHTS, LLM_DIR = "lora", "adapter_model.safetensors", "llm"  # LORA_WEIGHTS: PEFT's file name
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """PEFT LoRA on the LLM (used when `train_llm == "lora"`)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"  # PEFT's "all-linear" skips the output layer
+
+
+@dataclass(frozen=True)
+class MLLMConfig:
+    """The wrapped model: which LLM and tokenizer checkpoint, adapter and head shapes, and what trains."""
+
+    llm: str  # local HF folder of the base causal LM
+    semhitok: str  # SemHiTok checkpoint folder (config.json + model.safetensors)
+    text_tokenizer: str = ""  # local tokenizer folder; "" = the llm folder
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    adapter_width_sem: int = 256  # width of mlp_sem
+    adapter_width_pix: int = 64  # width of mlp_pix
+    head: Literal["flat", "factorized"] = "flat"
+    head_width: int = 0  # factorized: width of the texture branch; 0 = the LLM's hidden size
+    loss_chunk_size: int = 1024  # labelled positions per checkpointed loss chunk
+    wrap_understanding_images: bool = True  # understanding images are `<boi> ids <eoi>` too (else bare ids)
+    train_adapter: bool = True
+    train_head: bool = True
+    train_special_tokens: bool = True
+    train_llm: Literal["frozen", "full", "lora"] = "frozen"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_size < 1 or self.head_width < 0:
+            got = f"{self.loss_chunk_size}, {self.head_width}"
+            raise ValueError(f"loss_chunk_size must be >= 1 and head_width >= 0, got {got}")
+
+
+def read_config(path: Path) -> MLLMConfig:
+    """Strict load of a saved mllm_config.json: unknown, missing or mistyped keys raise ConfigError naming them."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}")
+    data = json.loads(path.read_text())
+    config = from_dict(MLLMConfig, data)
+    missing = _missing_keys(to_dict(config), data)
+    if missing:  # a default silently filling a saved key would change the model
+        raise ConfigError(f"{path}: missing key(s) {missing}")
+    return config
+
+
+def _missing_keys(full: Mapping, data: Mapping, where: str = "") -> list[str]:
+    missing = []
+    for key, value in full.items():
+        if key not in data:
+            missing.append(where + key)
+        elif isinstance(value, Mapping) and isinstance(data[key], Mapping):
+            missing += _missing_keys(value, data[key], f"{where}{key}.")
+    return missing
+
+
+def _paths(config: MLLMConfig, resolve: Callable[[str], str]) -> MLLMConfig:
+    """Apply `resolve` to every non-empty path field."""
+    fields = ("llm", "semhitok", "text_tokenizer")
+    return replace(config, **{f: resolve(getattr(config, f)) for f in fields if getattr(config, f)})
+
+
+def _absolute(config: MLLMConfig) -> MLLMConfig:
+    return _paths(config, lambda p: str(Path(p).resolve()))
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+
+
+def _mlp(d_in: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, width), nn.GELU(), nn.Linear(width, width))
+
+
+class DualMLPAdapter(nn.Module):
+    """(emb_sem (…, d_sem), emb_pix (…, d_pix)) -> (…, hidden): concat(mlp_sem, mlp_pix) -> Linear to the LLM."""
+
+    def __init__(self, d_sem: int, d_pix: int, width_sem: int, width_pix: int, hidden: int):
+        super().__init__()
+        self.mlp_sem, self.mlp_pix = _mlp(d_sem, width_sem), _mlp(d_pix, width_pix)
+        self.proj = nn.Linear(width_sem + width_pix, hidden)
+
+    def forward(self, emb_sem: Tensor, emb_pix: Tensor) -> Tensor:
+        return self.proj(torch.cat([self.mlp_sem(emb_sem), self.mlp_pix(emb_pix)], dim=-1))
+
+
+class FlatImageHead(nn.Module):
+    """hidden (…, D) -> logits over all K*m image codes, class f = i*m + j."""
+
+    def __init__(self, hidden: int, K: int, m: int):  # noqa: N803 (glossary names)
+        super().__init__()
+        self.proj = nn.Linear(hidden, K * m, bias=False)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(…, D) -> (…, K*m)."""
+        return self.proj(hidden)
+
+    def loss_sum(self, hidden: Tensor, index: Tensor) -> Tensor:
+        """Summed CE of (N, D) hidden states against flat code indices (N,)."""
+        return F.cross_entropy(self.logits(hidden).float(), index, reduction="sum")
+
+
+class FactorizedImageHead(nn.Module):
+    """p(i, j | h) = p(i | h) p(j | h, i): i over K, then j over m from h + an embedding of i (head ≈ m× smaller)."""
+
+    def __init__(self, hidden: int, K: int, m: int, width: int):  # noqa: N803
+        super().__init__()
+        self.m = m
+        self.semantic = nn.Linear(hidden, K, bias=False)
+        self.texture_in = nn.Linear(hidden, width)
+        self.semantic_embed = nn.Embedding(K, width)
+        self.texture_out = nn.Linear(width, m)
+
+    def semantic_logits(self, hidden: Tensor) -> Tensor:
+        """(…, D) -> (…, K)."""
+        return self.semantic(hidden)
+
+    def texture_logits(self, hidden: Tensor, semantic: Tensor) -> Tensor:
+        """(…, D), semantic codes (…) int64 -> (…, m) logits of j given i."""
+        return self.texture_out(F.gelu(self.texture_in(hidden) + self.semantic_embed(semantic)))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(…, D) -> (…, K*m) joint log-probabilities log p(i) + log p(j | i) (valid logits; memory O(K*width))."""
+        every_i = torch.arange(self.semantic_embed.num_embeddings, device=hidden.device)
+        log_j = self.texture_logits(hidden.unsqueeze(-2), every_i).log_softmax(-1)  # (…, K, m)
+        log_i = self.semantic_logits(hidden).log_softmax(-1).unsqueeze(-1)  # (…, K, 1)
+        return (log_i + log_j).flatten(-2)  # (…, K*m), class i*m + j
+
+    def loss_sum(self, hidden: Tensor, index: Tensor) -> Tensor:
+        """Summed -log p(i) - log p(j | i) of (N, D) hidden states for flat code indices (N,)."""
+        i, j = index.div(self.m, rounding_mode="floor"), index.remainder(self.m)
+        loss_i = F.cross_entropy(self.semantic_logits(hidden).float(), i, reduction="sum")
+        return loss_i + F.cross_entropy(self.texture_logits(hidden, i).float(), j, reduction="sum")
+
+
+def build_image_head(config: MLLMConfig, hidden: int, K: int, m: int) -> nn.Module:  # noqa: N803
+    if config.head == "flat":
+        return FlatImageHead(hidden, K, m)
+    return FactorizedImageHead(hidden, K, m, config.head_width or hidden)
+
+
+def chunked_loss(
+    loss_sum: Callable[[Tensor, Tensor], Tensor], hidden: Tensor, target: Tensor, chunk_size: int
+) -> Tensor:
+    """Σ loss_sum(hidden_c, target_c) over row chunks of hidden (N, D) / target (N,) -> float32 scalar.
+
+    Each chunk is activation-checkpointed: its logits are recomputed in backward, so memory stays
+    O(chunk_size × classes) instead of O(N × classes)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk_size), target.split(chunk_size), strict=True):
+        total = total + (checkpoint(loss_sum, h, t, use_reentrant=False) if torch.is_grad_enabled() else loss_sum(h, t))
+    return total
+
+
+class SpecialRows(nn.Module):
+    """Own input/output rows for the special ids, overriding the LLM's rows for them (one matrix when it ties them).
+    Initialised from the LLM's (resized) rows, so the model is unchanged until they train."""
+
+    def __init__(self, ids: tuple[int, ...], embedding: nn.Embedding, output: nn.Module | None):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(ids, device=embedding.weight.device), persistent=False)
+        self.embed = nn.Parameter(embedding.weight.detach()[self.ids].clone())  # (n, D)
+        tied = output is None or output.weight is embedding.weight
+        self.head = None if tied else nn.Parameter(output.weight.detach()[self.ids].clone())  # (n, D)
+
+    def into_embeds(self, input_ids: Tensor, embeds: Tensor) -> Tensor:
+        """Replace the embeddings (B, L, D) at special ids (B, L)."""
+        match = input_ids.unsqueeze(-1) == self.ids  # (B, L, n)
+        return torch.where(match.any(-1, keepdim=True), match.to(embeds.dtype) @ self.embed, embeds)
+
+    def into_logits(self, hidden: Tensor, logits: Tensor, bias: Tensor | None) -> Tensor:
+        """Replace the special columns of text logits (…, V) computed from hidden (…, D); `bias`: lm_head's."""
+        special = hidden @ (self.embed if self.head is None else self.head).T  # (…, n)
+        special = special if bias is None else special + bias[self.ids]
+        return logits.index_copy(-1, self.ids, special.to(logits.dtype))
+
+    @torch.no_grad()
+    def write_into(self, embedding: nn.Embedding, output: nn.Module | None) -> None:
+        """Copy the rows into an LLM's own matrices (for a plain exported model)."""
+        embedding.weight[self.ids] = self.embed.to(embedding.weight.dtype)
+        if self.head is not None:
+            output.weight[self.ids] = self.head.to(output.weight.dtype)
+
+
+def code_tables(semhitok: SemHiTok, vocab: VisualVocab) -> tuple[Tensor, Tensor]:
+    """Code vectors of every image id, in flat index order: (emb_sem (K*m, d_sem), emb_pix (K*m, d_pix))."""
+    g, n = semhitok.config.grid, vocab.num_image_ids
+    index = torch.arange(-(-n // g**2) * g**2) % n  # whole g x g grids; the wrapped tail is cut below
+    semantic, texture = vocab.split(vocab.index_to_ids(index))
+    emb_sem, emb_pix = semhitok.code_embeddings(TokenGrid(semantic.view(-1, g, g), texture.view(-1, g, g)))
+    return emb_sem.flatten(0, 2)[:n].cpu(), emb_pix.flatten(0, 2)[:n].cpu()  # (N, g, g, d) -> (K*m, d)
+
+
+def check_codes(vocab: VisualVocab, semhitok: SemHiTok, semhitok_dir: str, where: str) -> None:
+    """The image ids/head of `where` and the SemHiTok checkpoint must agree on K and m."""
+    K, m = semhitok.config.K, semhitok.config.m  # noqa: N806
+    if (vocab.K, vocab.m) != (K, m):
+        raise VocabError(
+            f"{where} has K*m = {vocab.K}*{vocab.m} = {vocab.num_image_ids} image codes, but the SemHiTok checkpoint "
+            f"{semhitok_dir} has K*m = {K}*{m} = {K * m}: the image ids and head were built for another tokenizer"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+class SemHiTokLM(nn.Module):
+    """An HF causal LM + dual-MLP adapter + image head + special rows over one id space (`VisualVocab`).
+
+    Build with `from_config(config)` (fresh parts) or `from_pretrained(folder)`. `llm` is the HF model, or a PEFT
+    model around it when LoRA trains; `causal_lm` is always the HF model."""
+
+    def __init__(self, config: MLLMConfig, llm: nn.Module, vocab: VisualVocab, semhitok: SemHiTok):
+        super().__init__()
+        check_codes(vocab, semhitok, config.semhitok, "the visual vocabulary")
+        if vocab.wrap_understanding != config.wrap_understanding_images:
+            raise VocabError("vocab.wrap_understanding and config.wrap_understanding_images differ")
+        self.config, self.vocab = config, vocab
+        vocab.resize_model(llm)
+        dtype, hidden = getattr(torch, config.dtype), llm.get_input_embeddings().embedding_dim
+        emb_sem, emb_pix = code_tables(semhitok, vocab)
+        self.register_buffer("code_sem", emb_sem.to(dtype), persistent=False)  # (K*m, d_sem), frozen
+        self.register_buffer("code_pix", emb_pix.to(dtype), persistent=False)  # (K*m, d_pix), frozen
+        d_sem, d_pix = emb_sem.shape[1], emb_pix.shape[1]
+        self.adapter = DualMLPAdapter(d_sem, d_pix, config.adapter_width_sem, config.adapter_width_pix, hidden)
+        self.head = build_image_head(config, hidden, vocab.K, vocab.m)
+        self.special = SpecialRows(vocab.special_ids, llm.get_input_embeddings(), llm.get_output_embeddings())
+        flags = (config.train_adapter, config.train_head, config.train_special_tokens)
+        for part, trains in zip(self.parts().values(), flags, strict=True):
+            part.to(dtype).requires_grad_(trains)
+        self.llm = self._prepare_llm(llm)
+
+    def _prepare_llm(self, llm: nn.Module) -> nn.Module:
+        c = self.config
+        if c.gradient_checkpointing:
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        llm.requires_grad_(c.train_llm == "full")
+        if c.train_llm != "lora":
+            return llm
+        targets = c.lora.target_modules if isinstance(c.lora.target_modules, str) else list(c.lora.target_modules)
+        lora = LoraConfig(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")  # fmt: skip
+        return get_peft_model(llm, lora)
+
+    def parts(self) -> nn.ModuleDict:
+        """Our trained parts (saved in mllm_parts.safetensors), keyed by their prefix there."""
+        return nn.ModuleDict({"adapter": self.adapter, "head": self.head, "special": self.special})
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The HF causal LM (inside the PEFT wrapper when LoRA trains; LoRA layers are injected in place)."""
+        return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+
+    # ---------------------------------------------------------------- building blocks (also for sampling)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """ids (B, L) int64, text or image -> inputs_embeds (B, L, D). Image ids go through the adapter on their
+        code vectors and are placed by one masked scatter; special ids use the special rows."""
+        self._check_input_ids(input_ids)
+        image = self.vocab.is_image_id(input_ids)  # (B, L)
+        embeds = self.causal_lm.get_input_embeddings()(input_ids.masked_fill(image, 0))  # (B, L, D)
+        embeds = self.special.into_embeds(input_ids, embeds)
+        feats = self.image_embeds(input_ids[image])  # (N, D), row-major order of the True positions
+        return embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def image_embeds(self, image_ids: Tensor) -> Tensor:
+        """Image ids (…) -> adapter embeddings (…, D)."""
+        index = self.vocab.ids_to_index(image_ids)
+        return self.adapter(self.code_sem[index], self.code_pix[index])
+
+    def backbone(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                 past_key_values=None, use_cache: bool = False):  # fmt: skip
+        """The LLM's decoder body -> HF BaseModelOutputWithPast: last_hidden_state (B, L, D) after the final norm,
+        past_key_values (the cache when `use_cache`)."""
+        return self.causal_lm.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache,
+        )  # fmt: skip
+
+    def text_logits(self, hidden: Tensor) -> Tensor:
+        """(…, D) -> (…, offset) logits over text ids, from the LLM's lm_head (special columns from SpecialRows)."""
+        lm_head = self.causal_lm.get_output_embeddings()
+        return self.special.into_logits(hidden, lm_head(hidden), getattr(lm_head, "bias", None))
+
+    def image_logits(self, hidden: Tensor) -> Tensor:
+        """(…, D) -> (…, K*m) image logits in flat index order (`vocab.index_to_ids` maps them to ids).
+        The factorized head also offers the two-stage `head.semantic_logits(h)` / `head.texture_logits(h, i)`."""
+        return self.head.logits(hidden)
+
+    # ---------------------------------------------------------------- training
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
+        """Training step, both directions. input_ids, labels (B, L) int64 with image ids inline (placeholders expanded,
+        `VisualVocab.expand_placeholders` / `segment`); labels IGNORE_INDEX where nothing is learned, and labels[:, t]
+        is predicted at t - 1 (HF convention); attention_mask (B, L) or None.
+        Returns {"loss", "loss_text", "loss_image"}: token-mean CE over all / text / image targets (0 if none)."""
+        hidden = self.backbone(self.embed(input_ids), attention_mask).last_hidden_state  # (B, L, D)
+        hidden, target = hidden[:, :-1], labels[:, 1:]  # position t predicts label t + 1
+        text, image = self._target_masks(target)
+        chunk = self.config.loss_chunk_size
+        sum_text = chunked_loss(self._text_loss_sum, hidden[text], target[text], chunk)
+        sum_image = chunked_loss(self.head.loss_sum, hidden[image], self.vocab.ids_to_index(target[image]), chunk)
+        n_text, n_image = text.sum(), image.sum()
+        return {
+            "loss": (sum_text + sum_image) / (n_text + n_image).clamp(min=1),
+            "loss_text": sum_text / n_text.clamp(min=1),
+            "loss_image": sum_image / n_image.clamp(min=1),
+        }
+
+    def _text_loss_sum(self, hidden: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(self.text_logits(hidden).float(), target, reduction="sum")
+
+    def _target_masks(self, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) labels -> (text, image) bool masks; any other non-ignored label is an error."""
+        text, image = (target >= 0) & (target < self.vocab.offset), self.vocab.is_image_id(target)
+        bad = ~(text | image | (target == IGNORE_INDEX))
+        if bad.any():
+            raise VocabError(f"labels {target[bad][:8].tolist()} are neither IGNORE_INDEX, text ids "
+                             f"[0, {self.vocab.offset}) nor image ids {list(self.vocab.image_id_range)}")  # fmt: skip
+        return text, image
+
+    def _check_input_ids(self, input_ids: Tensor) -> None:
+        start, stop = self.vocab.image_id_range
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= stop):
+            got = f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            raise VocabError(f"input ids must be text ids [0, {start}) or image ids [{start}, {stop}), got {got}")
+        if (input_ids == self.vocab.image_token_id).any():
+            raise VocabError(f"input ids contain the {self.vocab.image_token} placeholder: expand it first with "
+                             "VisualVocab.expand_placeholders")  # fmt: skip
+
+    # ---------------------------------------------------------------- building and checkpoints
+
+    @classmethod
+    def from_config(cls, config: MLLMConfig, text_tokenizer=None, semhitok: SemHiTok | None = None) -> SemHiTokLM:
+        """Fresh adapter/head around the base LLM. `text_tokenizer` (default: loaded from config.text_tokenizer or
+        config.llm) is extended in place with `<boi>`, `<eoi>`, `<image>`; `semhitok` defaults to config.semhitok."""
+        if semhitok is None:
+            semhitok = SemHiTok.from_pretrained(config.semhitok)
+        if text_tokenizer is None:
+            text_tokenizer = load_text_tokenizer(config.text_tokenizer or config.llm)
+        llm, (K, m) = _load_llm(config), (semhitok.config.K, semhitok.config.m)  # noqa: N806
+        rows = llm.get_input_embeddings().num_embeddings
+        vocab = VisualVocab.create(text_tokenizer, K, m, rows, config.wrap_understanding_images)
+        return cls(config, llm, vocab, semhitok)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, semhitok: str | Path | None = None) -> SemHiTokLM:
+        """Strict load of a `save_pretrained` / `export_merged` folder. `semhitok` overrides the tokenizer path.
+        Missing files, unknown/missing keys, K*m mismatches and shape mismatches raise errors that name them."""
+        folder = Path(directory)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"SemHiTokLM checkpoint folder not found: {folder}")
+        config = _paths(read_config(folder / CONFIG_NAME), lambda p: str((folder / p).resolve()))
+        config = replace(config, semhitok=str(semhitok)) if semhitok is not None else config
+        lora_file = [f"{LORA_DIR}/{LORA_WEIGHTS}"] if config.train_llm == "lora" else []
+        for name in (VOCAB_NAME, PARTS_NAME, *lora_file):  # fail before loading anything large
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"missing {name} in {folder}")
+        vocab = VisualVocab.load(folder / VOCAB_NAME)
+        tok = SemHiTok.from_pretrained(config.semhitok)
+        check_codes(vocab, tok, config.semhitok, f"the checkpoint {folder} (vocab.json, image head)")  # before the LLM
+        model = cls(config, _load_llm(config), vocab, tok)
+        model._load_parts(folder / PARTS_NAME)
+        if config.train_llm == "lora":
+            model._load_lora(folder / LORA_DIR)
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Atomically write the checkpoint folder (see module docstring); replaces `directory`."""
+        config = _absolute(self.config)
+        with atomic_folder(directory) as tmp:
+            if config.train_llm == "full":
+                self.causal_lm.save_pretrained(tmp / LLM_DIR)
+                config = replace(config, llm=LLM_DIR)
+            elif config.train_llm == "lora":
+                self.llm.save_pretrained(tmp / LORA_DIR, save_embedding_layers=False)
+            self._write_parts(tmp, config)
+
+    def export_merged(self, directory: str | Path) -> None:
+        """Write a plain HF folder (LoRA merged, special rows written into the embeddings, the extended text tokenizer)
+        plus our parts: `AutoModelForCausalLM.from_pretrained(directory)` and `SemHiTokLM.from_pretrained(directory)`
+        both load it without PEFT or DeepSpeed. Holds a second copy of the LLM in memory while exporting."""
+        llm = copy.deepcopy(self.llm)
+        llm = llm.merge_and_unload() if isinstance(llm, PeftModel) else llm
+        self.special.write_into(llm.get_input_embeddings(), llm.get_output_embeddings())
+        tokenizer = self.load_text_tokenizer()
+        config = replace(_absolute(self.config), llm=".", text_tokenizer=".", train_llm="frozen")
+        with atomic_folder(directory) as tmp:
+            llm.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            self._write_parts(tmp, config)
+
+    def load_text_tokenizer(self):
+        """The base LLM's text tokenizer with the specials added and their ids checked against vocab.json."""
+        return self.vocab.extend_tokenizer(load_text_tokenizer(self.config.text_tokenizer or self.config.llm))
+
+    def _write_parts(self, folder: Path, config: MLLMConfig) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in self.parts().state_dict().items()}
+        save_file(state, str(folder / PARTS_NAME), metadata={"format": "pt"})
+        self.vocab.save(folder / VOCAB_NAME)
+        save_config(config, folder / CONFIG_NAME)
+
+    def _load_parts(self, path: Path) -> None:
+        state, parts = _read_safetensors(path), self.parts()
+        expected = parts.state_dict()
+        shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]  # fmt: skip
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected or shapes:
+            raise ValueError(f"{path} does not match mllm_config.json (head={self.config.head}): missing {missing}, "
+                             f"unexpected {unexpected}, shape mismatches {shapes}")  # fmt: skip
+        parts.load_state_dict(state, strict=True)
+
+    def _load_lora(self, folder: Path) -> None:
+        path = folder / LORA_WEIGHTS
+        result = set_peft_model_state_dict(self.llm, _read_safetensors(path))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{path} does not match the LoRA of mllm_config.json: missing {missing[:8]}, "
+                             f"unexpected {result.unexpected_keys[:8]}")  # fmt: skip
+
+
+def _load_llm(config: MLLMConfig) -> nn.Module:
+    """The base causal LM from a local folder; remote code only when the config asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(config.llm).is_dir():
+        raise FileNotFoundError(f"base LLM folder not found: {config.llm} (MLLMConfig.llm; nothing is downloaded)")
+    dtype = getattr(torch, config.dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        config.llm, dtype=dtype, trust_remote_code=config.trust_remote_code, local_files_only=True
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises several types for truncated or garbage files
+        raise ValueError(f"corrupt {path}: cannot read safetensors ({err})") from None
