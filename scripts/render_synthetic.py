@@ -5,32 +5,18 @@
 The folder layout is described in `mllm/synthetic/dataset.py`.
 """
 
-import argparse
 from pathlib import Path
 
 from mllm.synthetic.dataset import write_dataset
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def bounded_int(lo: int, hi: int):
-    def parse(text: str) -> int:
-        if not text.lstrip("-").isdigit() or not lo <= int(text) <= hi:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}")
-        return int(text)
-
-    return parse
+from semhitok.cli import Parser, int_in
 
 
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    p.add_argument("--num", type=bounded_int(1, 10_000_000), required=True, help="number of images")
-    p.add_argument("--size", type=bounded_int(16, 4096), default=256, help="image side in pixels")
-    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0)
+    p.add_argument("--num", type=int_in(1, 10_000_000), required=True, help="number of images")
+    p.add_argument("--size", type=int_in(16, 4096), default=256, help="image side in pixels")
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     args = p.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} exists and is not a folder")

@@ -1,0 +1,134 @@
+"""Tokenizer benchmarks, measured side by side in one run (never asserted in tests).
+
+    python bench/tokenizer.py [--batch-size 2 --iters 2 --lookup-batch 8 --lookup-iters 3 --device cpu --threads N
+                              --json PATH]
+
+(a) encode / decode throughput (images/s) of the "semhitok-paper-256" preset with random weights at 256 px. Its
+    teacher is SigLIP-L/16-256 via open_clip; the weights are not available here, so the same open_clip architecture
+    is built with random weights (it only seeds the student: encode/decode never run the teacher).
+(b) the stage-2 code search, hierarchical vs flat over the same K*m vocabulary, with the library's quantizer classes
+    in eval mode on the same latents (a batch of 16x16 grids):
+    - "texture": `SubCodebookQuantizer` (given the semantic indices, nearest of the m codes of row i) vs
+      `FlatQuantizer` over all K*m texture vectors (d_pix): the O(m*d) vs O(K*m*d) claim in isolation;
+    - "stage-2": `HierarchicalQuantizer` (semantic cosine search over K, then the m codes) vs `FlatQuantizer` over
+      K*m joint (d_sem + d_pix) vectors: the whole search a flat VQ of the same vocabulary would do.
+Times are the fastest of `iters` interleaved calls. On a CPU shared with other jobs, use `--threads 1`: with more
+threads than free cores every small op waits for a time slice and the millisecond-scale searches read 10-100x slow.
+"""
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from semhitok.config import PRESETS, TeacherConfig
+from semhitok.model import SemHiTok
+from semhitok.quantizers import EMAQuantizer, FlatQuantizer, HierarchicalQuantizer, SubCodebookQuantizer
+from semhitok.teachers import OpenCLIPTeacher, Teacher
+
+PRESET = "semhitok-paper-256"
+
+
+class RandomOpenCLIPTeacher(OpenCLIPTeacher):
+    """`OpenCLIPTeacher` of the same open_clip architecture (`cfg.name`) with random weights."""
+
+    def __init__(self, cfg: TeacherConfig, grid: int):
+        Teacher.__init__(self, cfg, grid)
+        self.visual = open_clip.create_model(cfg.name, pretrained=None).visual
+        self._freeze()
+
+
+def best_seconds(fns: dict[str, Callable[[], object]], iters: int, device: torch.device,
+                 warmup: int = 1) -> dict[str, float]:
+    """Fastest wall time per call of each `fn()` over `iters` calls (other processes only ever add time), calls
+    interleaved round-robin so that load from them hits every candidate alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + iters):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def bench_codec(batch: int, iters: int, device: torch.device) -> dict[str, float]:
+    """Images/s of encode and decode of the paper preset (random weights), batch of 256 px images."""
+    cfg = PRESETS[PRESET]
+    torch.manual_seed(0)
+    model = SemHiTok(cfg, teacher=RandomOpenCLIPTeacher(cfg.teacher, cfg.grid)).to(device).eval()
+    images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    grid = model.encode(images)
+    sec = best_seconds({"encode": lambda: model.encode(images), "decode": lambda: model.decode(grid)}, iters, device)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return {"batch": batch, "params_M": params, **{f"{k}_img_per_s": batch / v for k, v in sec.items()}}
+
+
+def bench_lookup(K: int, m: int, d_sem: int, d_pix: int, L: int, batch: int, iters: int,
+                 device: torch.device) -> dict[str, float]:
+    """Milliseconds per search call of both comparisons of (b) and the flat / hierarchical ratios."""
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(batch, L, d_sem + d_pix, device=device), dim=-1)
+    z_sem, z_pix = z.split((d_sem, d_pix), dim=-1)
+    semantic_indices = torch.randint(K, (batch, L), device=device)
+    texture = SubCodebookQuantizer(K, m, d_pix).to(device).eval()
+    hier = HierarchicalQuantizer(EMAQuantizer(K, d_sem, init="random"), texture).to(device).eval()
+    flat_tex = FlatQuantizer(K * m, (d_pix,)).to(device).eval()
+    flat_joint = FlatQuantizer(K * m, (d_sem, d_pix)).to(device).eval()
+    runs = {
+        "texture_hier": lambda: texture(z_pix, semantic_indices),
+        "texture_flat": lambda: flat_tex(z_pix),
+        "stage2_hier": lambda: hier(z),
+        "stage2_flat": lambda: flat_joint(z),
+    }
+    with torch.inference_mode():
+        out = {f"{name}_ms": 1e3 * t for name, t in best_seconds(runs, iters, device).items()}
+    return {**out, "texture_ratio": out["texture_flat_ms"] / out["texture_hier_ms"],
+            "stage2_ratio": out["stage2_flat_ms"] / out["stage2_hier_ms"],
+            "texture_ops_ratio": K, "stage2_ops_ratio": K * m * (d_sem + d_pix) / (K * d_sem + m * d_pix)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=2, help="images per encode/decode call")
+    p.add_argument("--iters", type=int, default=2, help="timed encode/decode calls (after one warm-up)")
+    p.add_argument("--lookup-batch", type=int, default=8, help="16x16 grids per search call")
+    p.add_argument("--lookup-iters", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, cfg = torch.device(args.device), PRESETS[PRESET]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({name})")
+    with torch.inference_mode():
+        codec = bench_codec(args.batch_size, args.iters, device)
+    lookup = bench_lookup(cfg.K, cfg.m, cfg.semantic.d_sem, cfg.pixel.d_pix, cfg.grid**2, args.lookup_batch,
+                          args.lookup_iters, device)
+    print(f"\n(a) {PRESET}, random weights, {codec['params_M']:.0f}M params, {cfg.image_size}px, "
+          f"batch {codec['batch']}")
+    print(f"  encode {codec['encode_img_per_s']:8.2f} img/s    decode {codec['decode_img_per_s']:8.2f} img/s")
+    print(f"\n(b) code search, K={cfg.K} m={cfg.m} d_sem={cfg.semantic.d_sem} d_pix={cfg.pixel.d_pix}, "
+          f"{args.lookup_batch}x{cfg.grid}x{cfg.grid} patches")
+    print(f"  {'search':<9}{'hierarchical ms':>17}{'flat ms':>11}{'flat/hier':>11}{'op ratio':>10}")
+    for name in ("texture", "stage2"):
+        print(f"  {name:<9}{lookup[f'{name}_hier_ms']:>17.3f}{lookup[f'{name}_flat_ms']:>11.2f}"
+              f"{lookup[f'{name}_ratio']:>10.0f}x{lookup[f'{name}_ops_ratio']:>9.0f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "preset": PRESET,
+                                         "codec": codec, "lookup": lookup}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
