@@ -13,6 +13,18 @@ from semhitok.assets import (
     write_manifest,
 )
 from semhitok.atomic import atomic_folder
+from semhitok.checkpoint import (
+    CheckpointError,
+    flatten_state,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    unflatten_state,
+)
 from semhitok.config import (
     PRESETS,
     LossConfig,
@@ -22,7 +34,16 @@ from semhitok.config import (
     SemHiTokConfig,
     TeacherConfig,
 )
-from semhitok.configio import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
+from semhitok.configio import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    merge_dicts,
+    read_yaml,
+    save_config,
+    to_dict,
+)
 from semhitok.data import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -39,6 +60,7 @@ from semhitok.data import (
     to_rgb,
     to_tensor,
 )
+from semhitok.distributed import DistInfo, init_distributed, resolve_device, unwrap_model
 from semhitok.losses import (
     InceptionPerceptualLoss,
     PerceptualLoss,
@@ -90,11 +112,47 @@ from semhitok.teachers import (
     TinyViTTeacher,
     build_teacher,
 )
+from semhitok.train import (
+    CachedTeacher,
+    DataConfig,
+    OptimConfig,
+    TokenizerRunConfig,
+    TokenizerTrainer,
+    TrainConfig,
+    WeightEMA,
+    load_run_config,
+    train,
+)
 from semhitok.types import QuantizerOutput, TokenGrid
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "flatten_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "restore_optimizer",
+    "restore_rng",
+    "rng_state",
+    "save_checkpoint",
+    "unflatten_state",
+    "merge_dicts",
+    "read_yaml",
+    "DistInfo",
+    "init_distributed",
+    "resolve_device",
+    "unwrap_model",
+    "CachedTeacher",
+    "DataConfig",
+    "OptimConfig",
+    "TokenizerRunConfig",
+    "TokenizerTrainer",
+    "TrainConfig",
+    "WeightEMA",
+    "load_run_config",
+    "train",
     "PRESETS",
     "LossConfig",
     "PixelConfig",

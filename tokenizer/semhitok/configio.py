@@ -143,11 +143,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     """`cls` from a YAML file (merged over `base`, if given) and command-line overrides, strictly validated."""
     data = to_dict(base) if base is not None else {}
     if path is not None:
-        data = _merge(data, _read_yaml(Path(path)))
+        data = merge_dicts(data, read_yaml(Path(path)))
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -159,10 +159,10 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _merge(base: dict, update: Mapping) -> dict:
+def merge_dicts(base: dict, update: Mapping) -> dict:
     out = dict(base)
     for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+        out[key] = merge_dicts(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
     return out
 
 

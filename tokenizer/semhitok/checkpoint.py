@@ -1,0 +1,201 @@
+"""Resumable training checkpoints, model-agnostic (the tokenizer and the MLLM trainers both use them). No pickle.
+
+Layout: `run_dir/checkpoints/step-000123/` holds one `<group>.safetensors` per tensor group (model, EMA,
+optimizer, discriminator, ..., and `rng`), `meta.json`, and a `COMPLETE` marker written last. The folder is built
+in a hidden sibling and renamed into place (`atomic_folder`), so readers only ever see complete checkpoints;
+`latest_checkpoint` still requires the marker and ignores hidden leftovers of killed writers.
+
+Nested non-tensor state (a torch optimizer's `state_dict()`, RNG states) is flattened by `flatten_state` into
+`{key: Tensor}` plus a JSON skeleton of the structure, itself stored as a uint8 tensor, so every group is a plain
+safetensors file and `unflatten_state` rebuilds the object exactly (int dict keys and tuples included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from semhitok.atomic import atomic_folder
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+META = "meta.json"
+RNG_GROUP = "rng"
+STRUCTURE_KEY = "__structure__"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is incomplete, corrupt or does not fit the object it is loaded into."""
+
+
+# ------------------------------------------------------------------------------------- nested state <-> tensors
+
+
+def flatten_state(obj: Any) -> dict[str, Tensor]:
+    """Nested dicts / lists / tuples of Tensors, numpy arrays and JSON scalars -> {path: Tensor} + skeleton.
+
+    Dict keys may be str or int (torch optimizer state is keyed by int). The skeleton sits under STRUCTURE_KEY."""
+    tensors: dict[str, Tensor] = {}
+
+    def encode(x: Any, key: str) -> Any:
+        if isinstance(x, Tensor):
+            tensors[key] = x
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(x).reshape(-1).view(np.uint8).copy())
+            return {"__ndarray__": key, "dtype": x.dtype.str, "shape": list(x.shape)}
+        if isinstance(x, dict):
+            if not all(isinstance(k, (str, int)) for k in x):
+                raise TypeError(f"flatten_state: dict keys must be str or int at {key or 'top level'}")
+            return {"__dict__": [[k, encode(v, f"{key}.{k}" if key else str(k))] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            items = [encode(v, f"{key}.{i}" if key else str(i)) for i, v in enumerate(x)]
+            return {"__tuple__": items} if isinstance(x, tuple) else items
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"flatten_state: cannot store {type(x).__name__} at {key or 'top level'}")
+
+    skeleton = json.dumps(encode(obj, ""))
+    return {**tensors, STRUCTURE_KEY: torch.frombuffer(bytearray(skeleton.encode()), dtype=torch.uint8)}
+
+
+def unflatten_state(flat: dict[str, Tensor]) -> Any:
+    """Inverse of `flatten_state`."""
+    if STRUCTURE_KEY not in flat:
+        raise CheckpointError(f"not a flattened state: no {STRUCTURE_KEY!r} entry")
+
+    def decode(x: Any) -> Any:
+        if isinstance(x, list):
+            return [decode(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if "__tensor__" in x:
+            return flat[x["__tensor__"]]
+        if "__ndarray__" in x:
+            raw = flat[x["__ndarray__"]].numpy().tobytes()
+            return np.frombuffer(raw, dtype=np.dtype(x["dtype"])).reshape(x["shape"]).copy()
+        if "__tuple__" in x:
+            return tuple(decode(v) for v in x["__tuple__"])
+        return {k: decode(v) for k, v in x["__dict__"]}
+
+    return decode(json.loads(bytes(flat[STRUCTURE_KEY].tolist()).decode()))
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, flat: dict[str, Tensor]) -> None:
+    """Load a `flatten_state(optimizer.state_dict())` group into `optimizer` (tensors move to its params' devices)."""
+    try:
+        optimizer.load_state_dict(unflatten_state(flat))
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"optimizer state does not fit this optimizer: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """torch CPU (+ every CUDA device once CUDA is initialised), numpy and python `random` generator states."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def restore_rng(flat: dict[str, Tensor]) -> None:
+    """Restore the generators saved by `save_checkpoint` (its `rng` group); CUDA only if the device count fits."""
+    state = unflatten_state(flat)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and torch.cuda.device_count() == len(state["cuda"]):
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    tensors: dict[str, dict[str, Tensor]],
+    meta: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Write `run_dir/checkpoints/step-XXXXXX/` atomically: one safetensors file per group of `tensors`, the
+    calling process's RNG states (group `rng`), `meta.json` (JSON-able `meta` + step), then `COMPLETE`.
+    Keeps the newest `keep_last` complete checkpoints (0 = all). Returns the folder."""
+    if RNG_GROUP in tensors:
+        raise ValueError(f"tensor group name {RNG_GROUP!r} is reserved for the RNG states")
+    groups = {**tensors, RNG_GROUP: flatten_state(rng_state())}
+    path = checkpoint_dir(run_dir, step)
+    with atomic_folder(path) as tmp:
+        for name, group in groups.items():
+            save_file(_detached_unshared(group), str(tmp / f"{name}.safetensors"))
+        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1))
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}))  # last: marks the folder complete
+    if keep_last > 0:
+        prune_checkpoints(run_dir, keep_last)
+    return path
+
+
+def _detached_unshared(group: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous, and no two entries sharing memory (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for key, value in group.items():
+        t = value.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (hidden temp folders and marker-less ones ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir() and (p / COMPLETE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of `run_dir`, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """-> (tensor groups on CPU incl. `rng`, meta). Checks the COMPLETE marker against the files on disk."""
+    path = Path(path)
+    marker = path / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    files = json.loads(marker.read_text())["files"]
+    wrong = [f"{name} (expected {size} bytes)" for name, size in files.items()
+             if not (path / name).is_file() or (path / name).stat().st_size != size]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is damaged: {', '.join(wrong)}")
+    groups = {Path(name).stem: load_file(str(path / name)) for name in files if name.endswith(".safetensors")}
+    return groups, json.loads((path / META).read_text())
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and hidden leftovers of interrupted writes."""
+    for path in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    for leftover in (Path(run_dir) / CHECKPOINTS).glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
