@@ -195,10 +195,14 @@ class FIDAccumulator:
 
 
 def semantic_cosine(model: nn.Module, images: Tensor) -> Tensor:
-    """images (B, 3, H, W) in [-1, 1] -> mean over tokens of cos(stage-1 decoder output, teacher features), (B,)."""
+    """images (B, 3, H, W) in [-1, 1] -> (B,) mean over tokens of cos(semantic decoder output, teacher features),
+    where the decoder reads the semantic part of the codes `encode` gives: the tokens the MLLM sees. For SemHiTok
+    these are the stage-1 semantic codes; for the flat / shared baselines, the semantic half of their joint codes."""
     with torch.no_grad():
-        out = model.forward_stage1(images)
-    return F.cosine_similarity(out["semantic_recon"].float(), out["semantic_target"].float(), dim=-1).mean(1)
+        emb_sem, _ = model.code_embeddings(model.encode(images))  # (B, h, w, d_sem)
+        recon = model.semantic_decoder(emb_sem.flatten(1, 2))  # (B, L, D_teacher)
+        target = model.teacher_features(images)
+    return F.cosine_similarity(recon.float(), target.float(), dim=-1).mean(1)
 
 
 # ------------------------------------------------------------------------------------------------ codebook usage
