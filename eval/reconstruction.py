@@ -1,6 +1,7 @@
 """Reconstruction metrics of a SemHiTok checkpoint over an image folder (DESIGN §3.3).
 
     python eval/reconstruction.py --checkpoint DIR --data FOLDER [--size 256 --batch-size 16 --limit N --out DIR]
+    python eval/reconstruction.py --checkpoint RUN/model --holdout-of RUN   # a training run's held-out split
 
 Writes OUT/results.json (metrics, image counts, checkpoint, protocol, networks) and OUT/reconstructions.png
 (the first 8 originals over their reconstructions); prints a short table. The protocol is `semhitok.metrics.PROTOCOL`.
@@ -11,13 +12,15 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from semhitok.assets import AssetError
 from semhitok.cli import Parser, positive_int
+from semhitok.configio import ConfigError
 from semhitok.data import ImageFolderDataset, collate_skip_bad, to_pil
 from semhitok.metrics import PROTOCOL, evaluate_reconstruction, fid_features_for
 from semhitok.model import SemHiTok
+from semhitok.train import build_datasets, load_run_config
 
 NUM_EXAMPLES = 8
 TABLE = ("psnr", "ssim", "rfid", "semantic_cosine", "semantic_usage", "texture_usage", "semantic_perplexity",
@@ -46,6 +49,12 @@ class Examples:
         return torch.cat([torch.cat(self.originals, dim=2), torch.cat(self.recons, dim=2)], dim=1)
 
 
+def holdout_split(run_dir: Path, size: int) -> Dataset:
+    """The held-out images of a tokenizer training run (its `config.yaml`: folders + hashed split)."""
+    run = load_run_config(run_dir / "config.yaml")
+    return build_datasets(run.train.data, size)[1]
+
+
 def load(args: argparse.Namespace):
     """-> (model, loader, rFID features or None); raises OSError / ValueError / AssetError with a clear message."""
     try:
@@ -56,7 +65,7 @@ def load(args: argparse.Namespace):
     if size != model.config.image_size:
         raise ValueError(f"--size {size} differs from the checkpoint's image_size {model.config.image_size}")
     model.teacher  # noqa: B018 (build it now: missing teacher weights fail here, not mid-run)
-    dataset = ImageFolderDataset(args.data, size)
+    dataset = holdout_split(args.holdout_of, size) if args.holdout_of else ImageFolderDataset(args.data, size)
     subset = Subset(dataset, evenly_spaced(len(dataset), args.limit))
     loader = DataLoader(subset, args.batch_size, num_workers=args.workers, collate_fn=collate_skip_bad)
     return model, loader, None if args.no_fid else fid_features_for(model)
@@ -65,7 +74,9 @@ def load(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="SemHiTok.save_pretrained folder")
-    p.add_argument("--data", type=Path, required=True, help="image folder (flat or class sub-folders)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="image folder (flat or class sub-folders)")
+    source.add_argument("--holdout-of", type=Path, help="a tokenizer training run folder: evaluate its held-out split")
     p.add_argument("--size", type=positive_int, default=None, help="crop size (default and only valid value: the "
                    "checkpoint's image size)")
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -77,13 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         model, loader, features = load(args)
-    except (OSError, ValueError, AssetError) as err:
+    except (OSError, ValueError, AssetError, ConfigError) as err:
         p.error(str(err))
     examples = Examples()
     results = evaluate_reconstruction(model, loader, fid=features is not None, fid_features=features, on_batch=examples)
     if results["num_images"] == 0:
-        p.error(f"no readable images in {args.data} ({results['num_skipped']} skipped)")
-    results = {**results, "checkpoint": str(args.checkpoint.resolve()), "data": str(args.data.resolve()),
+        p.error(f"no readable images in {args.data or args.holdout_of} ({results['num_skipped']} skipped)")
+    data = f"held-out split of {args.holdout_of.resolve()}" if args.holdout_of else str(args.data.resolve())
+    results = {**results, "checkpoint": str(args.checkpoint.resolve()), "data": data,
                "image_size": model.config.image_size, "protocol": PROTOCOL}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

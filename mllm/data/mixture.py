@@ -1,0 +1,408 @@
+"""Tokenized training samples for `SemHiTokLM` from cached image codes, their per-stage mixture, and the collator.
+
+Sources (torch Datasets; an item is an `LMSample`, or a `semhitok.BadItem` whose `reason` is one of SKIP_REASONS for
+a sample that cannot be used: `collate_lm` drops and counts those, nothing ever raises mid-epoch):
+    ConversationDataset   understanding: LLaVA conversations; `<image>` becomes the image's `<boi> ids <eoi>`
+    CaptionDataset        understanding: "<image>\\n<brief-description instruction>" -> a caption (LLaVA 558K recipe)
+    TextToImageDataset    generation: prompt(caption) -> `<boi> ids <eoi>`; caption dropped with p = 0.1 for CFG
+    MixtureDataset        several sources mixed with fixed ratios, deterministic given (seed, epoch)
+Every source has `sample(index, epoch)`; `__getitem__` uses the epoch given to `set_epoch` (as with
+DistributedSampler: call it before each epoch; non-persistent DataLoader workers see it). Random choices (which caption,
+which instruction, caption dropout) are seeded by (seed, epoch, index), so a sample is the same in every run.
+
+Layouts (`SampleBuilder` is the one place they are assembled; ids from the text tokenizer extended by VisualVocab):
+    understanding  template(conversation) with `<image>` expanded by `VisualVocab.expand_placeholders`;
+                   labels = the assistant tokens (+ their end-of-turn token) only
+    generation     (choice) the chat template's user turn GENERATION_PROMPT.format(caption) + assistant prefix, then
+                   `<boi> ids <eoi>`; labels = the image ids + `<eoi>` (`<boi>` is given: the sampler appends it).
+                   The unconditional prompt is the same with caption "" (`generation_prompt_ids(""...)`).
+Over-long samples: text is cut from the end to `max_length` and counted (`LMSample.num_truncated`), unless the cut
+would remove any image token (a partial image, or an image whose answer is cut anyway): then the sample is skipped
+(IMAGE_CUT), as is one with no label left (NO_TARGETS).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mllm.codes import CodeCache
+from mllm.conversation import IGNORE_INDEX, ConversationError, tokenize_conversation, tokenize_prompt
+from mllm.data.llava import IMAGE_PLACEHOLDER, LlavaSample, load_llava
+from mllm.vocab import VisualVocab, VocabError
+from semhitok import BadItem, read_jsonl
+
+UNDERSTANDING, GENERATION = "understanding", "generation"
+GENERATION_PROMPT = "Generate an image of: {caption}"  # (choice) a chat user turn; "" caption = unconditional
+BRIEF_INSTRUCTIONS = (  # LLaVA's brief-description instructions (pre-training on captions)
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+)
+# Why a sample is skipped (BadItem.reason).
+NO_PLACEHOLDER = f"image but no {IMAGE_PLACEHOLDER} placeholder"
+MANY_PLACEHOLDERS = f"several {IMAGE_PLACEHOLDER} placeholders for one image"
+PLACEHOLDER_NO_IMAGE = f"{IMAGE_PLACEHOLDER} placeholder but no image"
+MISSING_IMAGE = "image not in the code cache"
+IMAGE_CUT = "max_length would cut an image"
+NO_TARGETS = "no label left after truncation"
+BAD_CONVERSATION = "conversation the template cannot render"
+SKIP_REASONS = (NO_PLACEHOLDER, MANY_PLACEHOLDERS, PLACEHOLDER_NO_IMAGE, MISSING_IMAGE, IMAGE_CUT, NO_TARGETS,
+                BAD_CONVERSATION)  # fmt: skip
+# Stage presets: source name -> share of the samples (DESIGN §4 stages).
+STAGE_MIXES: Mapping[str, Mapping[str, float]] = MappingProxyType({
+    "pretrain": MappingProxyType({"caption": 1.0}),  # adapter pre-training: short caption answers (LLaVA 558K)
+    "instruct": MappingProxyType({"conversation": 1.0}),  # instruction tuning (LLaVA 665K)
+    "t2i": MappingProxyType({"t2i": 1.0}),  # text-to-image
+    "joint": MappingProxyType({"conversation": 0.5, "t2i": 0.5}),
+})  # fmt: skip
+SOURCE_FILES = MappingProxyType(
+    {"conversation": "conversations", "caption": "captions", "t2i": "captions"}
+)  # DataConfig
+
+
+@dataclass(frozen=True)
+class LMSample:
+    """One training sequence, image ids inline.
+    input_ids, labels: (L,) int64; labels IGNORE_INDEX where nothing is learned (labels[t] is predicted at t - 1)
+    direction:         UNDERSTANDING | GENERATION
+    num_truncated:     text tokens cut from the end to fit max_length (0 when it fit)"""
+
+    input_ids: Tensor
+    labels: Tensor
+    direction: str
+    num_truncated: int = 0
+
+
+class Skip(Exception):
+    """Raised by SampleBuilder for a sample that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def generation_prompt_ids(caption: str, tokenizer, template: str, prompt: str = GENERATION_PROMPT) -> Tensor:
+    """(L,) int64: the text-to-image prompt ending with the assistant prefix; caption "" = the unconditional prompt.
+    Training appends `<boi> ids <eoi>`; sampling appends `<boi>` and generates."""
+    text = prompt.format(caption=caption).strip()
+    return tokenize_prompt([{"from": "human", "value": text}], tokenizer, template)
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True)
+class SampleBuilder:
+    """Builds `LMSample`s from (conversation | caption, image key) with the image's codes from the cache.
+    `tokenizer` is extended (idempotently) with the vocabulary's specials and checked against it."""
+
+    tokenizer: Any
+    vocab: VisualVocab
+    codes: CodeCache
+    template: str = "chat_template"
+    max_length: int = 2048
+    prompt: str = GENERATION_PROMPT
+
+    def __post_init__(self) -> None:
+        self.vocab.extend_tokenizer(self.tokenizer)
+        if (self.codes.K, self.codes.m) != (self.vocab.K, self.vocab.m):
+            raise VocabError(
+                f"the code cache {self.codes.directory} has K, m = {self.codes.K}, {self.codes.m} but the "
+                f"visual vocabulary {self.vocab.K}, {self.vocab.m}: they come from different tokenizers"
+            )
+        if "{caption}" not in self.prompt:
+            raise ValueError(f"the generation prompt {self.prompt!r} has no {{caption}} field")
+
+    def image_ids(self, key: str) -> Tensor:
+        """(1, h*w) image ids of one cached image; Skip(MISSING_IMAGE) if it has no codes."""
+        if key not in self.codes:
+            raise Skip(MISSING_IMAGE)
+        return self.vocab.to_ids(self.codes.grid(key))
+
+    def understanding(self, turns: Sequence, image: str | None) -> LMSample:
+        """LLaVA turns (human first, gpt last) about `image` (None: text only) -> sample labelled on the answers."""
+        try:
+            tok = tokenize_conversation(turns, self.tokenizer, self.template, max_length=sys.maxsize)
+        except ConversationError:
+            raise Skip(BAD_CONVERSATION) from None
+        if tok.num_images != (image is not None):
+            raise Skip(
+                PLACEHOLDER_NO_IMAGE if image is None else MANY_PLACEHOLDERS if tok.num_images else NO_PLACEHOLDER
+            )
+        ids, labels = tok.input_ids, tok.labels
+        if image is not None:
+            ids, labels = self.vocab.expand_placeholders(ids, labels, self.image_ids(image))
+        return self._fit(ids, labels, UNDERSTANDING)
+
+    def generation(self, caption: str, image: str) -> LMSample:
+        """caption ("" = unconditional) -> prompt + `<boi> ids <eoi>`, labelled on the ids and `<eoi>`."""
+        segment = self.vocab.segment(self.image_ids(image))[0]  # (h*w + 2,)
+        prompt = generation_prompt_ids(caption, self.tokenizer, self.template, self.prompt)
+        labels = torch.cat([torch.full((len(prompt) + 1,), IGNORE_INDEX), segment[1:]])  # <boi> is given
+        return self._fit(torch.cat([prompt, segment]), labels, GENERATION)
+
+    def _fit(self, ids: Tensor, labels: Tensor, direction: str) -> LMSample:
+        """Cut to max_length from the end; Skip if that would drop an image token or leave no label."""
+        keep = self.max_length
+        v = self.vocab
+        in_image = v.is_image_id(ids) | (ids == v.boi_id) | (ids == v.eoi_id)  # (L,)
+        if in_image[keep:].any():
+            raise Skip(IMAGE_CUT)
+        if (labels[:keep] == IGNORE_INDEX).all():
+            raise Skip(NO_TARGETS)
+        return LMSample(ids[:keep], labels[:keep], direction, num_truncated=max(len(ids) - keep, 0))
+
+
+def _build(index: int, key: str, make: Callable[[], LMSample]) -> LMSample | BadItem:
+    try:
+        return make()
+    except Skip as skip:
+        return BadItem(index, key, skip.reason)
+
+
+def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+class _Source(torch.utils.data.Dataset):
+    """Items are `sample(index, self.epoch)`."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> LMSample | BadItem:
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int) -> LMSample | BadItem:
+        raise NotImplementedError
+
+
+class ConversationDataset(_Source):
+    """Understanding samples from LLaVA conversations (a .json/.jsonl path or parsed `LlavaSample`s)."""
+
+    def __init__(self, samples: Sequence[LlavaSample] | str | Path, builder: SampleBuilder):
+        self.samples = load_llava(samples) if isinstance(samples, (str, Path)) else list(samples)
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sample(self, index: int, epoch: int) -> LMSample | BadItem:
+        s = self.samples[index]
+        return _build(index, s.image or s.id, lambda: self.builder.understanding(s.turns, s.image))
+
+
+@dataclass(frozen=True)
+class CaptionPair:
+    image: str  # image key in the code cache
+    captions: tuple[str, ...]  # one or more captions of the image
+
+
+def load_captions(path: str | Path, image_key: str = "image", caption_key: str = "captions") -> list[CaptionPair]:
+    """(image, captions) pairs from JSON lines (synthetic scenes.jsonl, COCO annotations.jsonl, any JSONL with an image
+    path and a caption string or list). Records without a caption are left out."""
+    pairs = []
+    for lineno, rec in read_jsonl(path):
+        if image_key not in rec or caption_key not in rec:
+            raise ValueError(
+                f"{path}:{lineno}: missing {image_key!r} or {caption_key!r} (the record has {sorted(rec)})"
+            )
+        value = rec[caption_key]
+        captions = tuple(c for c in ([value] if isinstance(value, str) else value) if c.strip())
+        pairs += [CaptionPair(rec[image_key], captions)] if captions else []
+    return pairs
+
+
+class CaptionDataset(_Source):
+    """Understanding samples from captions: "<image>\\n<instruction>" -> one caption (both drawn per (epoch, index))."""
+
+    def __init__(self, pairs: Sequence[CaptionPair], builder: SampleBuilder, seed: int = 0,
+                 instructions: Sequence[str] = BRIEF_INSTRUCTIONS):  # fmt: skip
+        self.pairs, self.builder, self.seed, self.instructions = list(pairs), builder, seed, tuple(instructions)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def sample(self, index: int, epoch: int) -> LMSample | BadItem:
+        p, rng = self.pairs[index], _rng(self.seed, epoch, index)
+        caption = p.captions[rng.integers(len(p.captions))]
+        instruction = self.instructions[rng.integers(len(self.instructions))]
+        turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{instruction}"}, {"from": "gpt", "value": caption}]
+        return _build(index, p.image, lambda: self.builder.understanding(turns, p.image))
+
+
+class TextToImageDataset(_Source):
+    """Generation samples: a caption drawn per (epoch, index), replaced by "" with probability `cfg_dropout`."""
+
+    def __init__(self, pairs: Sequence[CaptionPair], builder: SampleBuilder, cfg_dropout: float = 0.1, seed: int = 0):
+        if not 0.0 <= cfg_dropout <= 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
+        self.pairs, self.builder, self.cfg_dropout, self.seed = list(pairs), builder, cfg_dropout, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def caption(self, index: int, epoch: int) -> str:
+        """The caption sample (index, epoch) is conditioned on; "" when dropped for classifier-free guidance."""
+        p, rng = self.pairs[index], _rng(self.seed, epoch, index)
+        caption = p.captions[rng.integers(len(p.captions))]
+        return "" if rng.random() < self.cfg_dropout else caption
+
+    def sample(self, index: int, epoch: int) -> LMSample | BadItem:
+        image = self.pairs[index].image
+        return _build(index, image, lambda: self.builder.generation(self.caption(index, epoch), image))
+
+
+# ---------------------------------------------------------------------------------------------------- mixture
+
+
+class MixtureDataset(_Source):
+    """Sources mixed with fixed shares: per epoch, source s fills round(weight_s * len) of the `len` positions
+    (largest remainder), in a seeded random order. Each source is read as an endless stream of seeded permutations
+    (cycle c = its c-th pass), so an over-sampled source repeats items as evenly as possible and an under-sampled one
+    continues through its items across epochs. Item (index, epoch) is sources[s].sample(j, c): deterministic.
+
+    `len` = `num_samples`, default the sum of the sources' lengths."""
+
+    def __init__(self, sources: Mapping[str, Any], weights: Mapping[str, float], num_samples: int | None = None,
+                 seed: int = 0):  # fmt: skip
+        if set(sources) != set(weights) or any(w <= 0 for w in weights.values()):
+            raise ValueError(f"need one positive weight per source: sources {sorted(sources)}, weights {dict(weights)}")
+        empty = [name for name, s in sources.items() if len(s) == 0]
+        if empty:
+            raise ValueError(f"sources {empty} are empty")
+        self.names = list(sources)
+        self.sources = [sources[n] for n in self.names]
+        self.length = num_samples or sum(len(s) for s in self.sources)
+        self.counts = _apportion([weights[n] for n in self.names], self.length)
+        self.seed = seed
+        self._plan: tuple[int, np.ndarray] | None = None  # (epoch, (3, len) source/item/cycle) of the last epoch used
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample(self, index: int, epoch: int) -> LMSample | BadItem:
+        s, j, c = self.plan(epoch)[:, index]
+        return self.sources[s].sample(int(j), int(c))
+
+    def plan(self, epoch: int) -> np.ndarray:
+        """(3, len) int64: source, item index and cycle of every position of `epoch`."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, self._make_plan(epoch))
+        return self._plan[1]
+
+    def _make_plan(self, epoch: int) -> np.ndarray:
+        labels = np.repeat(np.arange(len(self.counts)), self.counts)  # (len,) source of each position, unshuffled
+        source = np.random.default_rng([self.seed, epoch]).permutation(labels)
+        plan = np.stack([source, np.zeros_like(source), np.zeros_like(source)])  # (3, len)
+        for s, (n, size) in enumerate(zip(self.counts, map(len, self.sources), strict=True)):
+            pos = epoch * n + np.arange(n)  # positions in the source's endless stream
+            cycle = pos // size
+            item = np.empty_like(pos)
+            for c in np.unique(cycle):
+                at = cycle == c
+                item[at] = np.random.default_rng([self.seed, s, c]).permutation(size)[pos[at] % size]
+            plan[1:, source == s] = item, cycle
+        return plan
+
+
+def _apportion(weights: Sequence[float], total: int) -> list[int]:
+    """Integer shares of `total` proportional to `weights` (largest remainder; ties to the earlier source)."""
+    exact = np.asarray(weights, dtype=np.float64) / sum(weights) * total
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return counts.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+
+
+def collate_lm(batch: Sequence[LMSample | BadItem], pad_id: int) -> dict[str, Any]:
+    """Right-pad samples into a batch, dropping BadItems.
+
+    Returns input_ids (B, L) int64 (pad_id on pads), attention_mask (B, L) int64 (0 on pads), labels (B, L) int64
+    (IGNORE_INDEX on pads), direction (list of B str), batch_size B, num_truncated (samples that were cut),
+    num_skipped and skipped (the BadItems: `semhitok.SkipCounter.update` sums them). All skipped: B = L = 0."""
+    good = [b for b in batch if isinstance(b, LMSample)]
+    skipped = [b for b in batch if isinstance(b, BadItem)]
+    length = max((len(b.input_ids) for b in good), default=0)
+    ids = torch.full((len(good), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(good), length), dtype=torch.long)
+    for row, b in enumerate(good):
+        n = len(b.input_ids)
+        ids[row, :n], labels[row, :n], mask[row, :n] = b.input_ids, b.labels, 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "direction": [b.direction for b in good],
+            "batch_size": len(good), "num_truncated": sum(b.num_truncated > 0 for b in good),
+            "num_skipped": len(skipped), "skipped": skipped}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a stage's data comes from and how it is tokenized (e.g. the `data:` section of an MLLM run config)."""
+
+    codes: str  # code cache folder (scripts/extract_codes.py) holding every image below
+    stage: str = "joint"  # a STAGE_MIXES preset
+    mix: Mapping[str, float] = field(default_factory=dict)  # overrides the stage mix, e.g. {conversation: 1.0} to
+    # pre-train on LLaVA-558K (a LLaVA json of caption conversations)
+    conversations: str = ""  # LLaVA .json/.jsonl: source "conversation"
+    captions: str = ""  # JSONL with image + captions: sources "caption" and "t2i"
+    caption_key: str = "captions"
+    template: str = "chat_template"
+    max_length: int = 2048
+    prompt: str = GENERATION_PROMPT
+    cfg_dropout: float = 0.1
+    num_samples: int = 0  # per epoch; 0 = the sum of the sources' lengths
+    seed: int = 0
+
+
+def build_dataset(config: DataConfig, tokenizer, vocab: VisualVocab, semhitok_dir: str | Path) -> MixtureDataset:
+    """The stage's MixtureDataset. The code cache must have been made with the SemHiTok checkpoint `semhitok_dir`."""
+    mix = dict(config.mix) or dict(STAGE_MIXES.get(config.stage, {}))
+    if not mix:
+        raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGE_MIXES)} (or set data.mix)")
+    unknown = sorted(set(mix) - set(SOURCE_FILES))
+    if unknown:
+        raise ValueError(f"unknown data sources {unknown}; known: {sorted(SOURCE_FILES)}")
+    codes = CodeCache(config.codes, tokenizer=semhitok_dir)
+    builder = SampleBuilder(tokenizer, vocab, codes, config.template, config.max_length, config.prompt)
+    sources = {name: _make_source(name, config, builder) for name in mix}
+    return MixtureDataset(sources, mix, config.num_samples or None, config.seed)
+
+
+def _make_source(name: str, config: DataConfig, builder: SampleBuilder) -> _Source:
+    path = getattr(config, SOURCE_FILES[name])
+    if not path:
+        raise ValueError(f"the data mix uses source {name!r}: set data.{SOURCE_FILES[name]}")
+    if name == "conversation":
+        return ConversationDataset(path, builder)
+    pairs = load_captions(path, caption_key=config.caption_key)
+    if name == "caption":
+        return CaptionDataset(pairs, builder, config.seed)
+    return TextToImageDataset(pairs, builder, config.cfg_dropout, config.seed)
