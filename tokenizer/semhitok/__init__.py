@@ -120,8 +120,11 @@ from semhitok.train import (
     TokenizerTrainer,
     TrainConfig,
     WeightEMA,
+    append_jsonl,
+    config_diff,
     load_run_config,
     train,
+    truncate_log,
 )
 from semhitok.types import QuantizerOutput, TokenGrid
 
@@ -145,6 +148,9 @@ __all__ = [
     "resolve_device",
     "unwrap_model",
     "CachedTeacher",
+    "append_jsonl",
+    "config_diff",
+    "truncate_log",
     "DataConfig",
     "OptimConfig",
     "TokenizerRunConfig",

@@ -1,0 +1,150 @@
+"""MLLM training-loop overhead: tokens/s of our loop (`MLLMTrainer.train_step`: data loader + collate, micro-step,
+loss tally, LR schedule, gradient clipping, AdamW) vs a bare PyTorch loop (forward + backward + AdamW step on
+pre-collated batches), same model, same samples, same optimizer, one process. Never asserted in tests.
+
+    python bench/train.py [--stages pretrain joint --hidden 256 --layers 4 --vocab 8000 --batch-size 4
+                           --text-len 120 --steps 4 --repeats 3 --threads N --json PATH]
+
+The LLM is a random Llama of the given size (word-level tokenizer of `--vocab` words) around the tiny SemHiTok; the
+samples are random token sequences, half understanding (text, image, text answer), half generation (text, image).
+Each measurement is `--steps` optimizer steps after one warm-up step; bare and ours alternate `--repeats` times and
+the fastest of each is kept (other jobs on a shared machine only ever add time). Ratio = bare / ours tokens/s
+(target <= 1.10). On a GPU the loop never waits for the device between log records (losses are summed as tensors).
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mllm.conversation import IGNORE_INDEX
+from mllm.data.mixture import LMSample, collate_lm
+from mllm.text_tokenizer import load_text_tokenizer
+from mllm.train import MODEL_INPUTS, Launch, MLLMTrainer, Tally, load_run_config, param_groups
+from mllm.vocab import VisualVocab
+from semhitok import PRESETS, SemHiTok
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = PRESETS["semhitok-tiny"]
+
+
+def make_assets(root: Path, hidden: int, layers: int, vocab: int) -> None:
+    """A random Llama (+ word-level tokenizer) and the tiny SemHiTok in `root`."""
+    words = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", *(f"w{i}" for i in range(vocab - 4))])}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")  # fmt: skip
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128))  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    SemHiTok(TINY).save_pretrained(root / "semhitok")
+
+
+def samples(vocab, n: int, text_len: int, text_vocab: int) -> list[LMSample]:
+    """n random samples of one length: even understanding (labels on the answer), odd generation (labels on the image)."""
+    g, out = torch.Generator().manual_seed(0), []
+    for i in range(n):
+        segment = vocab.segment(vocab.index_to_ids(torch.randint(0, vocab.num_image_ids, (1, 16), generator=g)))[0]
+        text = torch.randint(4, text_vocab, (text_len,), generator=g)
+        if i % 2:
+            ids, labels = torch.cat([text, segment]), torch.cat([torch.full((text_len + 1,), IGNORE_INDEX), segment[1:]])
+            out.append(LMSample(ids, labels, "generation"))
+        else:
+            answer = text[: text_len // 4]
+            ids = torch.cat([text[text_len // 4 :], segment, answer])
+            labels = torch.cat([torch.full((len(ids) - len(answer),), IGNORE_INDEX), answer])
+            out.append(LMSample(ids, labels, "understanding"))
+    return out
+
+
+def bare_steps(model, optimizer, batches: list[dict]) -> int:
+    """The bare loop: forward, backward, AdamW step. Returns the tokens processed."""
+    for batch in batches:
+        loss = model(**{k: batch[k] for k in MODEL_INPUTS})["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def our_steps(trainer: MLLMTrainer, batches, steps: int) -> int:
+    tally = Tally()
+    for _ in range(steps):
+        trainer.train_step(batches, tally)
+    return int(tally.tokens)
+
+
+def timed(fn) -> tuple[float, int]:
+    start = time.perf_counter()
+    tokens = fn()
+    return time.perf_counter() - start, tokens
+
+
+def bench_stage(root: Path, stage: str, args: argparse.Namespace) -> dict:
+    run = load_run_config(REPO / "configs" / "mllm" / "tiny.yaml", [
+        f"model.llm={root / 'llm'}", f"model.semhitok={root / 'semhitok'}", f"train.out_dir={root / stage}",
+        f"train.stage={stage}", f"train.batch_size={args.batch_size}", "train.steps=1000000", "train.ckpt_every=0",
+        "data.codes=''", "data.captions=''", "data.conversations=''"])  # fmt: skip
+    tokenizer = load_text_tokenizer(root / "llm")
+    vocab = VisualVocab.create(tokenizer, TINY.K, TINY.m, len(tokenizer))  # the ids the model will build
+    data = samples(vocab, args.batch_size * (args.steps + 1), args.text_len, args.vocab)
+    trainer = MLLMTrainer(run, Launch("single", torch.device("cpu")), dataset=data)
+    model = trainer.runner.module
+    bare = type(model).from_config(model.config, model.load_text_tokenizer()).train()  # same config, same init
+    bare.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(param_groups(bare, run.train.weight_decay), lr=run.train.lr, betas=run.train.betas)
+    pad = trainer.loader.collate_fn.keywords["pad_id"]
+    batches = [collate_lm(data[i : i + args.batch_size], pad) for i in range(0, len(data), args.batch_size)]
+    stream = trainer.batches()
+    bare_steps(bare, optimizer, batches[:1]), our_steps(trainer, stream, 1)  # warm-up
+    best = {"bare": (float("inf"), 0), "ours": (float("inf"), 0)}
+    for _ in range(args.repeats):
+        for name, fn in (("bare", lambda: bare_steps(bare, optimizer, batches[1:])),
+                         ("ours", lambda: our_steps(trainer, stream, args.steps))):  # fmt: skip
+            best[name] = min(best[name], timed(fn))
+    tok_s = {name: tokens / seconds for name, (seconds, tokens) in best.items()}
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"stage": stage, "trainable_params": params, "bare_tokens_per_s": tok_s["bare"],
+            "ours_tokens_per_s": tok_s["ours"], "ratio": tok_s["bare"] / tok_s["ours"]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", nargs="+", default=["pretrain", "joint"], help="pretrain | instruct | t2i | joint")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8000, help="text vocabulary of the random LLM")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--text-len", type=int, default=120, help="text tokens per sample (+ 18 image tokens)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default; 1 is steadiest on a "
+                   "shared machine: with more threads than free cores every op waits for a time slice)")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_assets(Path(tmp), args.hidden, args.layers, args.vocab)
+        rows = [bench_stage(Path(tmp), stage, args) for stage in args.stages]
+    print(f"\ncpu, {torch.get_num_threads()} threads; random Llama hidden {args.hidden} x {args.layers} layers, vocab "
+          f"{args.vocab}; batch {args.batch_size} x {args.text_len + 18} tokens; best of {args.repeats} x {args.steps} steps")
+    print(f"  {'stage':<10}{'trainable':>12}{'bare tok/s':>12}{'ours tok/s':>12}{'bare/ours':>11}")
+    for r in rows:
+        print(f"  {r['stage']:<10}{r['trainable_params']:>12,}{r['bare_tokens_per_s']:>12.0f}"
+              f"{r['ours_tokens_per_s']:>12.0f}{r['ratio']:>11.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "args": vars(args) | {"json": str(args.json)},
+                                         "rows": rows}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Train one stage of the SemHiTok MLLM (DESIGN §4); a run whose out_dir holds a complete checkpoint resumes it.
+
+    python scripts/train_mllm.py --config configs/mllm/tiny.yaml [key.path=value ...]              one process
+    torchrun --nproc_per_node 2 scripts/train_mllm.py --config configs/mllm/smollm2-joint.yaml     DDP
+    deepspeed --num_gpus 8 scripts/train_mllm.py --config configs/mllm/vicuna7b-instruct.yaml \\
+        --deepspeed configs/deepspeed/zero3.json                                                  DeepSpeed ZeRO
+
+Stages chain through folders: pretrain's out_dir/model -> `train.init_from` of instruct, and so on.
+Bad configs, missing files or data, and tokenizer / vocabulary mismatches print one line and exit with status 2.
+"""
+
+import argparse
+import os
+import sys
+
+from mllm.train import load_run_config, train
+from semhitok import ConfigError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="run config YAML (configs/mllm/*.yaml)")
+    p.add_argument("--deepspeed", help="ZeRO policy JSON (configs/deepspeed/zero2.json, zero3.json) = train.deepspeed")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK is read
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
+    args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
+    overrides = [*args.overrides, *([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])]
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        model_dir = train(load_run_config(args.config, overrides))
+    except ConfigError as err:
+        if main_rank:  # every rank fails the same way before training: say it once
+            print(f"{p.prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if main_rank:
+        print(f"saved {model_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""MLLM training loop in its three launch modes, on tiny configs: a tiny random Llama (word-level tokenizer), the tiny
+SemHiTok (K = 32, m = 4, 4x4 grid), and either the real data pipeline (a code cache of 8 synthetic scenes, captions and
+LLaVA conversations, through `configs/mllm/tiny.yaml`) or a dataset of random token samples.
+
+Launch modes: plain python (in-process and through scripts/train_mllm.py), `torchrun --nproc_per_node 2` (DDP, gloo),
+DeepSpeed ZeRO-2 / ZeRO-3 at world size 1 (plain python + --deepspeed) and 2 (the `deepspeed` launcher), all on CPU.
+Every mode trains the same objective: its losses match the single-process / DDP run of the same world size.
+
+Run as a script, this file is the worker of the SIGKILL test: the real entry point with checkpoint writes that stall.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mllm.conversation import IGNORE_INDEX
+from mllm.data.mixture import LMSample
+from mllm.model import SemHiTokLM
+from mllm.text_tokenizer import load_text_tokenizer
+from mllm.train import (
+    STAGE_PARTS,
+    MLLMRunConfig,
+    build_model,
+    deepspeed_config,
+    detect_launch,
+    grad_accum_of,
+    is_hub_name,
+    load_run_config,
+    lr_at,
+    resolve_model_paths,
+    train,
+)
+from mllm.vocab import VisualVocab
+from semhitok import PRESETS, ConfigError, SemHiTok
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train_mllm.py"
+TINY_YAML = REPO / "configs" / "mllm" / "tiny.yaml"
+ZERO = {2: REPO / "configs" / "deepspeed" / "zero2.json", 3: REPO / "configs" / "deepspeed" / "zero3.json"}
+TINY = PRESETS["semhitok-tiny"]
+LOSSES = ("loss", "loss_text", "loss_image")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops cost more in thread hand-offs than in math; one thread also makes runs bitwise reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Folders: a tiny Llama + word tokenizer, the tiny SemHiTok, 8 synthetic scenes and their code cache."""
+    from test_mllm_model import FAMILIES, word_tokenizer
+
+    from mllm.codes import extract_codes
+    from mllm.synthetic.dataset import write_dataset
+
+    root, tokenizer = tmp_path_factory.mktemp("mllm-train"), word_tokenizer()
+    torch.manual_seed(0)
+    model_cls, config_cls, extra = FAMILIES["llama"]
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, **extra)  # fmt: skip
+    model_cls(config).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    SemHiTok(TINY).save_pretrained(root / "semhitok")
+    write_dataset(root / "synth", 8, size=TINY.image_size)
+    extract_codes(root / "semhitok", root / "synth" / "scenes.jsonl", root / "codes", batch_size=8, num_workers=0,
+                  log=lambda _: None)  # fmt: skip
+    return root
+
+
+def paths(world: Path, out: Path) -> list[str]:
+    """Overrides that point configs/mllm/tiny.yaml at the fixture's folders."""
+    return [f"model.llm={world / 'llm'}", f"model.semhitok={world / 'semhitok'}", f"data.codes={world / 'codes'}",
+            f"data.captions={world / 'synth' / 'scenes.jsonl'}", f"data.conversations={world / 'synth' / 'llava.json'}",
+            f"train.out_dir={out}"]  # fmt: skip
+
+
+def tiny_run(world: Path, out: Path, *overrides: str) -> MLLMRunConfig:
+    return load_run_config(TINY_YAML, [*paths(world, out), *overrides])
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> list[tuple[float, ...]]:
+    return [tuple(r[k] for k in LOSSES) for r in read_log(out)]
+
+
+def close(a: list, b: list, tol: float = 1e-5) -> bool:
+    return len(a) == len(b) and torch.allclose(torch.tensor(a), torch.tensor(b), atol=tol, rtol=0)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Deterministic random samples: even items understanding (text, `<boi>` image ids `<eoi>`, labelled text answer),
+    odd items generation (text prompt, labelled image ids + `<eoi>`)."""
+
+    def __init__(self, vocab: VisualVocab, n: int, seed: int = 0):
+        self.vocab, self.n, self.seed = vocab, n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> LMSample:
+        g, v = torch.Generator().manual_seed(self.seed * 100_003 + i), self.vocab
+        text = lambda k: torch.randint(4, 60, (k,), generator=g)  # noqa: E731 (word ids of the tiny tokenizer)
+        segment = v.segment(v.index_to_ids(torch.randint(0, v.num_image_ids, (1, 16), generator=g)))[0]
+        prompt = text(int(torch.randint(3, 8, (1,), generator=g)))
+        if i % 2:
+            labels = torch.cat([torch.full((len(prompt) + 1,), IGNORE_INDEX), segment[1:]])
+            return LMSample(torch.cat([prompt, segment]), labels, "generation")
+        answer = text(int(torch.randint(2, 6, (1,), generator=g)))
+        labels = torch.cat([torch.full((len(prompt) + len(segment),), IGNORE_INDEX), answer])
+        return LMSample(torch.cat([prompt, segment, answer]), labels, "understanding")
+
+
+def random_tokens(world: Path, n: int) -> RandomTokens:
+    tokenizer = load_text_tokenizer(world / "llm")
+    return RandomTokens(VisualVocab.create(tokenizer, TINY.K, TINY.m, len(tokenizer)), n)
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(kind: str, args: list[str], world_size: int = 1, script: Path = SCRIPT, **popen) -> list[str]:
+    """The command line of `script args` under plain python / torchrun / the deepspeed launcher."""
+    if kind == "python":
+        return [sys.executable, str(script), *args]
+    if kind == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size), "--master_port",
+                free_port(), str(script), *args]  # fmt: skip
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
+            free_port(), str(script), *args]  # fmt: skip
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(kind: str, args: list[str], world_size: int = 1, timeout: int = 120) -> subprocess.CompletedProcess:
+    cmd = launch(kind, args, world_size)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env(), timeout=timeout)
+
+
+def assert_outputs(out: Path) -> None:
+    """Both final folders load without DeepSpeed; the export is a plain HF causal LM."""
+    assert SemHiTokLM.from_pretrained(out / "model") is not None
+    assert not any("lora" in n for n, _ in AutoModelForCausalLM.from_pretrained(out / "export").named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+def test_stage_defaults_overrides_and_config_errors(world, tmp_path):
+    for stage, parts in STAGE_PARTS.items():
+        run = tiny_run(world, tmp_path, f"train.stage={stage}")
+        assert {k: getattr(run.model, k) for k in parts} == parts and run.data.stage == stage
+    run = tiny_run(world, tmp_path, "train.stage=pretrain", "model.train_head=true", "model.lora.r=4")
+    assert run.model.train_head and run.model.lora.r == 4 and run.model.train_llm == "frozen"
+    assert tiny_run(world, tmp_path, "train.steps=0", "train.epochs=2").train.epochs == 2
+    for bad, match in (("train.lrr=1", r"unknown key\(s\) \['train.lrr'\]"), ("train.stage=sft", "not one of"),
+                       ("train.steps=-1", "train.steps must be > 0"), ("model.train_adapter=false", "nothing trains"),
+                       ("model.gradient_checkpointing=true", "set train.gradient_checkpointing")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            tiny_run(world, tmp_path, "train.stage=pretrain", bad)
+
+
+def test_shipped_configs_are_valid():
+    """Every configs/mllm/*.yaml loads strictly; the DeepSpeed JSONs hold only ZeRO policy."""
+    stages = {}
+    for path in sorted((REPO / "configs" / "mllm").glob("*.yaml")):
+        run = load_run_config(path)
+        stages[path.stem] = run.train.stage
+        for stage, policy in ZERO.items():
+            assert deepspeed_config(str(policy), run.train, 1, bf16=False)["zero_optimization"]["stage"] == stage
+    for family in ("vicuna7b", "qwen2.5-7b", "smollm2"):
+        assert [stages[f"{family}-{s}"] for s in STAGE_PARTS] == list(STAGE_PARTS)
+    llava = {name: load_run_config(REPO / "configs" / "mllm" / f"vicuna7b-{name}.yaml").train
+             for name in ("pretrain", "instruct")}  # fmt: skip
+    assert (llava["pretrain"].lr, llava["pretrain"].global_batch_size, llava["pretrain"].epochs) == (1e-3, 256, 1)
+    assert (llava["instruct"].lr, llava["instruct"].global_batch_size) == (2e-5, 128)
+
+
+def test_batch_arithmetic_and_deepspeed_injection(world, tmp_path):
+    t = tiny_run(world, tmp_path, "train.global_batch_size=32").train
+    assert grad_accum_of(t, world=2) == 4  # 4 per device x 4 x 2 = 32
+    with pytest.raises(ConfigError, match="not a multiple"):
+        grad_accum_of(t, world=3)
+    config = deepspeed_config(str(ZERO[3]), t, accum=4, bf16=False)
+    assert config["zero_optimization"]["stage"] == 3 and config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 4 and config["gradient_clipping"] == t.grad_clip
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
+    with pytest.raises(ConfigError, match="only ZeRO policy"):
+        deepspeed_config(str(tmp_path / "ds.json"), t, accum=1, bf16=False)
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    assert detect_launch(t, env).mode == "ddp" and detect_launch(t, {}).mode == "single"
+    ds = tiny_run(world, tmp_path, f"train.deepspeed={ZERO[2]}").train
+    assert detect_launch(ds, env).mode == detect_launch(ds, {}).mode == "deepspeed"
+
+
+def test_hub_names_resolve_to_a_cached_snapshot(world, tmp_path, monkeypatch):
+    """`model.llm: org/name` is fetched with huggingface_hub (faked here: no network) and `~` is expanded."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: calls.append(name) or str(world / "llm"))
+    monkeypatch.setenv("HOME", str(world))
+    run = resolve_model_paths(tiny_run(world, tmp_path, "model.llm=lmsys/vicuna-7b-v1.5", "model.semhitok=~/semhitok"),
+                              detect_launch(tiny_run(world, tmp_path).train, {}))  # fmt: skip
+    assert calls == ["lmsys/vicuna-7b-v1.5"] and run.model.llm == str(world / "llm")
+    assert run.model.semhitok == str(world / "semhitok")
+    assert is_hub_name("Qwen/Qwen2.5-7B-Instruct") and not any(map(is_hub_name, ("runs/mllm/x", "/abs/x", "./x", "x")))
+
+
+def test_lr_schedule_warms_up_then_follows_the_cosine(world, tmp_path):
+    t = tiny_run(world, tmp_path, "train.warmup_ratio=0.1", "train.min_lr_ratio=0.1").train
+    lrs = [lr_at(s, 100, t) for s in range(100)]
+    assert lrs[0] == t.lr / 10 and lrs[9] == lrs[10] == t.lr  # 10 warm-up steps, then the peak
+    assert lrs[55] == pytest.approx(t.lr * 0.55) and lr_at(100, 100, t) == pytest.approx(t.lr * 0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+def test_stage_parts_are_what_trains(world, tmp_path):
+    pretrain = build_model(tiny_run(world, tmp_path, "train.stage=pretrain"))
+    assert {n.split(".")[0] for n, p in pretrain.named_parameters() if p.requires_grad} == {"adapter"}  # LLaVA
+    t2i = build_model(tiny_run(world, tmp_path, "train.stage=t2i", "model.train_llm=lora"))
+    assert {n.split(".")[0] for n, p in t2i.named_parameters() if p.requires_grad} == {"adapter", "head", "special", "llm"}
+    assert all(p.requires_grad == ("lora_" in n) for n, p in t2i.llm.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- python mode
+
+
+@pytest.fixture(scope="module")
+def python_run(world, tmp_path_factory):
+    """The tiny config trained in-process (plain python launch): the world-size-1 reference of every mode."""
+    out = tmp_path_factory.mktemp("python-run")
+    train(tiny_run(world, out))
+    return out
+
+
+def test_python_mode_writes_logs_checkpoints_and_loadable_outputs(python_run):
+    records = read_log(python_run)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {"loss_text", "loss_image", "tokens_per_s", "num_skipped", "num_truncated", "lr", "grad_norm"} <= set(
+        records[0]
+    )
+    assert sum(r["understanding"] for r in records) > 0 and sum(r["generation"] for r in records) > 0
+    assert all(r["samples"] == 4 and r["tokens_per_s"] > 0 for r in records)
+    assert sorted(p.name for p in (python_run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    assert_outputs(python_run)
+
+
+def test_overfits_one_batch(world, tmp_path):
+    run = tiny_run(world, tmp_path, "train.batch_size=2", "train.steps=60", "train.lr=1e-2", "train.schedule=constant",
+                   "train.warmup_ratio=0", "train.ckpt_every=0", "train.log_every=10", "train.export_merged=false")  # fmt: skip
+    train(run, dataset=random_tokens(world, 2))
+    first, last = read_log(tmp_path)[0]["loss"], read_log(tmp_path)[-1]
+    assert last["loss"] < 0.05 * first and last["loss_text"] < 0.1 and last["loss_image"] < 0.1
+
+
+def test_resume_continues_the_same_loss_curve(world, tmp_path):
+    """N steps straight vs k steps + resume (the run directory cut back to checkpoint k) -> identical losses and
+    weights, with LoRA dropout (RNG), gradient accumulation and the data order all in play."""
+    extra = ("model.train_llm=lora", "model.lora.dropout=0.1", "train.grad_accum=2", "train.ckpt_every=3",
+             "train.keep_last=0", "train.export_merged=false")  # fmt: skip
+    data = random_tokens(world, 20)  # 20 samples, 8 per step: the resumed run crosses an epoch boundary too
+    train(tiny_run(world, tmp_path / "straight", *extra), dataset=data)
+    cut = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-000003", cut / "checkpoints" / "step-000003")
+    shutil.copy(tmp_path / "straight" / "log.jsonl", cut)  # holds steps 1-6: the resumed run drops 4-6 first
+    train(tiny_run(world, cut, *extra), dataset=data)
+    assert losses(cut) == losses(tmp_path / "straight") and len(losses(cut)) == 6  # log steps 4-6 rewritten
+    for group in ("trainable", "optimizer"):  # every trained weight and the AdamW moments, bit for bit
+        a, b = (load_file(d / "checkpoints" / "step-000006" / f"{group}.safetensors") for d in (tmp_path / "straight", cut))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_config(world, python_run, tmp_path):
+    shutil.copytree(python_run / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(ConfigError, match="train.lr: 0.003 vs 0.001"):
+        train(tiny_run(world, tmp_path, "train.lr=1e-3"))
+
+
+def test_clear_errors_before_training(world, tmp_path):
+    k64 = semhitok_k64(world)
+    cases = ((f"model.semhitok={k64}", r"data: the code cache .* K: 32 vs 64"),
+             (f"data.codes={tmp_path / 'nope'}", "not found: data.codes"),
+             ("train.batch_size=64", "only 16 training samples"))  # fmt: skip
+    for override, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            train(tiny_run(world, tmp_path / "out", override))
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+def semhitok_k64(world: Path) -> Path:
+    """A SemHiTok checkpoint with K = 64 (its K*m differs from the cache and from saved vocabularies)."""
+    import dataclasses
+
+    path = world / "semhitok-k64"
+    if not path.exists():
+        SemHiTok(dataclasses.replace(TINY, semantic=dataclasses.replace(TINY.semantic, codebook_size=64))).save_pretrained(path)
+    return path
+
+
+def test_init_from_a_previous_stage_checks_the_vocabulary(world, python_run, tmp_path):
+    run = tiny_run(world, tmp_path, "train.stage=pretrain", f"train.init_from={python_run / 'model'}")
+    with pytest.raises(ConfigError, match="trained on the LLM .*model/llm"):  # stage trained the LLM fully
+        build_model(run)
+    pretrain = tmp_path / "pretrain"
+    train(tiny_run(world, pretrain, "train.stage=pretrain", "train.steps=1", "train.export_merged=false"))
+    model = build_model(tiny_run(world, tmp_path, "train.stage=instruct", f"train.init_from={pretrain / 'model'}"))
+    saved = SemHiTokLM.from_pretrained(pretrain / "model")
+    assert torch.equal(model.adapter.proj.weight, saved.adapter.proj.weight)
+    k64 = semhitok_k64(world)
+    with pytest.raises(ConfigError, match=r"K\*m = 32\*4.*K\*m = 64\*4"):
+        build_model(tiny_run(world, tmp_path, f"model.semhitok={k64}", f"train.init_from={pretrain / 'model'}"))
+
+
+def test_script_config_error_is_one_line_and_exit_2(world, tmp_path):
+    result = run_script("python", ["--config", str(TINY_YAML), *paths(world, tmp_path), "train.lrr=1"])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("train_mllm.py: error: unknown key(s) ['train.lrr']")
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+
+@pytest.fixture(scope="module")
+def ddp_run(world, tmp_path_factory):
+    """`torchrun --nproc_per_node 2` (DDP over gloo) of the tiny config: the world-size-2 reference."""
+    out = tmp_path_factory.mktemp("ddp-run")
+    result = run_script("torchrun", ["--config", str(TINY_YAML), *paths(world, out)], world_size=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ddp x 2 on cpu" in result.stdout and "global batch 8" in result.stdout
+    return out
+
+
+def test_torchrun_ddp_world_2(ddp_run):
+    assert [r["samples"] for r in read_log(ddp_run)] == [8] * 6  # 4 per rank, summed over both
+    assert_outputs(ddp_run)
+
+
+@pytest.mark.parametrize(("stage", "world_size"), [
+    pytest.param(2, 1, marks=pytest.mark.slow), (3, 1), pytest.param(2, 2, marks=pytest.mark.slow), (3, 2)])  # fmt: skip
+def test_deepspeed_zero_matches_the_plain_loop(world, python_run, ddp_run, tmp_path, stage, world_size):
+    """World 1: plain python with --deepspeed; world 2: the deepspeed launcher. Same losses as python / DDP.
+    ZeRO-3 runs with no persistent parameters, so every tiny weight really is partitioned and gathered."""
+    policy = json.loads(ZERO[stage].read_text())
+    policy["zero_optimization"].update({"stage3_param_persistence_threshold": 0} if stage == 3 else {})
+    (tmp_path / f"zero{stage}.json").write_text(json.dumps(policy))
+    args = ["--config", str(TINY_YAML), *paths(world, tmp_path / "out"), "--deepspeed", str(tmp_path / f"zero{stage}.json")]
+    result = run_script("python" if world_size == 1 else "deepspeed", args, world_size, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"zero{stage}.json x {world_size} on cpu" in result.stdout
+    tmp_path = tmp_path / "out"
+    reference = python_run if world_size == 1 else ddp_run
+    assert close(losses(tmp_path), losses(reference), tol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "deepspeed").glob("step-*")) == ["step-000003", "step-000006"]
+    assert_outputs(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- SIGKILL
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(world, tmp_path):
+    """The worker stalls inside the write of checkpoint 4 (files half written into the hidden temp folder); SIGKILL
+    there leaves checkpoint 2 the newest complete one. The rerun resumes from it and retraces steps 3-4 exactly."""
+    args = ["--config", str(TINY_YAML), *paths(world, tmp_path), "train.ckpt_every=2", "train.keep_last=1",
+            "train.export_merged=false"]  # fmt: skip
+    proc = subprocess.Popen(launch("python", args, script=Path(__file__)), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**env(), "STALL_AT_STEP": "4"})  # fmt: skip
+    try:
+        partial = wait_for(lambda: [p for p in (tmp_path / "checkpoints").glob(".step-000004-*") if any(p.iterdir())])
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert partial and not (tmp_path / "checkpoints" / "step-000004").exists()
+    killed = losses(tmp_path)
+    assert len(killed) == 4  # steps 1-4 were logged before checkpoint 4 started
+    train(tiny_run(world, tmp_path, "train.ckpt_every=2", "train.keep_last=1", "train.export_merged=false"))
+    assert losses(tmp_path)[:4] == killed and len(losses(tmp_path)) == 6
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000006"]  # leftover pruned
+
+
+def wait_for(found, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := found():
+            return result
+        time.sleep(0.05)
+    return None
+
+
+def stall_checkpoint_writes(step: int) -> None:
+    """Make semhitok's checkpoint writer hang after its first file of checkpoint `step` (test worker only)."""
+    import semhitok.checkpoint as ckpt
+
+    save_file = ckpt.save_file
+
+    def stalling(tensors, filename, *args, **kwargs):
+        save_file(tensors, filename, *args, **kwargs)
+        if Path(filename).parent.name.startswith(f".step-{step:06d}-"):
+            time.sleep(600)
+
+    ckpt.save_file = stalling
+
+
+# ---------------------------------------------------------------------------------------------------- real LLM
+
+
+@pytest.mark.slow
+def test_real_smollm2_trains_both_directions(world, tmp_path):
+    """SmolLM2-135M-Instruct with LoRA + gradient checkpointing: a few steps of the joint mixture (understanding +
+    generation) through the real data pipeline and its chat template; losses finite and falling; outputs load."""
+    from mllm.assets import smollm2_path
+
+    run = tiny_run(world, tmp_path, f"model.llm={smollm2_path()}", "model.train_llm=lora", "model.head=factorized",
+                   "model.lora.r=8", "model.lora.alpha=16", "train.gradient_checkpointing=true",
+                   "data.template=chat_template", "train.batch_size=2", "train.steps=8", "train.lr=2e-3",
+                   "train.ckpt_every=4")  # fmt: skip
+    train(run)
+    records = read_log(tmp_path)
+    assert all(torch.isfinite(torch.tensor([r[k] for k in LOSSES])).all() for r in records)
+    assert sum(r["understanding"] for r in records) > 0 and sum(r["generation"] for r in records) > 0
+    assert sum(r["loss"] for r in records[-2:]) < sum(r["loss"] for r in records[:2])
+    assert_outputs(tmp_path)
+
+
+if __name__ == "__main__":  # worker of the SIGKILL test: scripts/train_mllm.py with stalling checkpoint writes
+    import runpy
+
+    stall_checkpoint_writes(int(os.environ["STALL_AT_STEP"]))
+    runpy.run_path(str(SCRIPT), run_name="__main__")
