@@ -116,6 +116,21 @@ def bench_stage(root: Path, stage: str, args: argparse.Namespace) -> dict:
             "ours_tokens_per_s": tok_s["ours"], "ratio": tok_s["bare"] / tok_s["ours"]}  # fmt: skip
 
 
+def cache_speedup(root: Path, preset: str, num_images: int) -> dict:
+    """Codes for `num_images` synthetic scenes: re-encoding with a `preset` SemHiTok vs reading the code cache."""
+    from mllm.codes import CodeCache, bench_cache_speedup, extract_codes, list_images
+    from mllm.synthetic.dataset import write_dataset
+    from semhitok import PRESETS, SemHiTok
+
+    config = PRESETS[preset]
+    SemHiTok(config).save_pretrained(root / "semhitok-bench")
+    data = write_dataset(root / "scenes", num_images, size=config.image_size, seed=0)
+    cache = extract_codes(root / "semhitok-bench", data / "scenes.jsonl", root / "cache", log=lambda _: None)
+    _, keys = list_images(data / "scenes.jsonl", "image")
+    out = bench_cache_speedup(root / "semhitok-bench", CodeCache(cache), data, keys)
+    return {"preset": preset, "num_images": num_images, **out}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", nargs="+", default=["pretrain", "joint"], help="pretrain | instruct | t2i | joint")
@@ -128,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default; 1 is steadiest on a "
                    "shared machine: with more threads than free cores every op waits for a time slice)")
+    p.add_argument("--cache-preset", default="semhitok-inception-128", help="SemHiTok preset for the code-cache "
+                   "speed-up (random weights; encode cost does not depend on them)")
+    p.add_argument("--cache-images", type=int, default=64, help="synthetic images for the code-cache speed-up (0 = skip)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     if args.threads:
@@ -135,15 +153,21 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_assets(Path(tmp), args.hidden, args.layers, args.vocab)
         rows = [bench_stage(Path(tmp), stage, args) for stage in args.stages]
+        cache = cache_speedup(Path(tmp), args.cache_preset, args.cache_images) if args.cache_images else None
     print(f"\ncpu, {torch.get_num_threads()} threads; random Llama hidden {args.hidden} x {args.layers} layers, vocab "
           f"{args.vocab}; batch {args.batch_size} x {args.text_len + 18} tokens; best of {args.repeats} x {args.steps} steps")
     print(f"  {'stage':<10}{'trainable':>12}{'bare tok/s':>12}{'ours tok/s':>12}{'bare/ours':>11}")
     for r in rows:
         print(f"  {r['stage']:<10}{r['trainable_params']:>12,}{r['bare_tokens_per_s']:>12.0f}"
               f"{r['ours_tokens_per_s']:>12.0f}{r['ratio']:>11.3f}")
+    if cache:
+        print(f"\ncode cache vs re-encoding, {cache['preset']}, {cache['num_images']} images: encode "
+              f"{cache['encode_s'] * 1e3:.2f} ms/img (+ decode {cache['decode_s'] * 1e3:.2f}), cache read "
+              f"{cache['cache_s'] * 1e3:.3f} ms/img -> {cache['speedup_encode_only']:.0f}x faster "
+              f"({cache['speedup']:.0f}x with image decoding)")
     if args.json:
         args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "args": vars(args) | {"json": str(args.json)},
-                                         "rows": rows}, indent=1))  # fmt: skip
+                                         "rows": rows, "code_cache": cache}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,14 +46,6 @@ TINY = PRESETS["semhitok-tiny"]
 TEMPLATE = "chat_template"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_script(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "scripts" / "extract_codes.py"), "--workers", "0", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)

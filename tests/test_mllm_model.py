@@ -54,15 +54,6 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops this tiny cost more in thread hand-offs than in math (10-50x slower with 2 threads on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Folders: a tiny LLM (+ tokenizer) per family, the tiny SemHiTok, and a SemHiTok with K = 64."""

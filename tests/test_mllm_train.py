@@ -52,15 +52,6 @@ TINY = PRESETS["semhitok-tiny"]
 LOSSES = ("loss", "loss_text", "loss_image")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops cost more in thread hand-offs than in math; one thread also makes runs bitwise reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Folders: a tiny Llama + word tokenizer, the tiny SemHiTok, 8 synthetic scenes and their code cache."""

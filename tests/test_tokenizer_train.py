@@ -42,14 +42,6 @@ FAST = ["train.steps=4", "train.log_every=2", "train.ckpt_every=2", "train.sampl
         "train.data.batch_size=4", "train.data.holdout_fraction=0.2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """16 smooth 48x40 PNGs and one corrupt file (skipped and counted), in a flat folder."""

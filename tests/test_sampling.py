@@ -1,0 +1,332 @@
+"""Sampling (mllm/sampling.py) and its entry points scripts/generate.py and scripts/chat.py, on tiny random models:
+Llama (untied) and Qwen2 (tied, qkv bias) with a word-level tokenizer (no chat template: vicuna_v1), the tiny
+SemHiTok (K = 32, m = 4, 4x4 grid), flat and factorized heads."""
+
+import os
+import runpy
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_mllm_model import FAMILIES, GRID, random_grid, word_tokenizer
+
+import mllm.cli
+from mllm.data.mixture import generation_prompt_ids
+from mllm.model import MLLMConfig, SemHiTokLM
+from mllm.sampling import (
+    ChatSession,
+    DecodingRows,
+    InferenceError,
+    SamplingConfig,
+    filter_logits,
+    generate_images,
+    generate_text,
+    left_pad,
+    sample_image_ids,
+)
+from mllm.text_tokenizer import load_text_tokenizer
+from semhitok import PRESETS, SemHiTok
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT = 96  # max_position_embeddings of the tiny LLMs: a vicuna_v1 prompt is ~35 tokens, an image 16 + 2
+PROMPTS = ["draw a red cat", "a big blue dog on the mat with a ball under the sky", "two fish"]
+NUM = GRID * GRID
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Folders: a tiny LLM + tokenizer per family, the tiny SemHiTok, a saved MLLM checkpoint, an image, a non-image."""
+    root, tokenizer = tmp_path_factory.mktemp("sampling"), word_tokenizer()
+    torch.manual_seed(0)
+    for family, (model_cls, config_cls, extra) in FAMILIES.items():
+        config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, **extra)  # fmt: skip
+        model_cls(config).save_pretrained(root / family)
+        tokenizer.save_pretrained(root / family)
+    SemHiTok(PRESETS["semhitok-tiny"]).save_pretrained(root / "semhitok")
+    build(root).save_pretrained(root / "mllm")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "red.png")
+    (root / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def build(root: Path, family: str = "llama", head: str = "flat") -> SemHiTokLM:
+    torch.manual_seed(0)
+    config = MLLMConfig(llm=str(root / family), semhitok=str(root / "semhitok"), adapter_width_sem=16,
+                        adapter_width_pix=8, head=head)  # fmt: skip
+    return SemHiTokLM.from_config(config, load_text_tokenizer(root / family)).eval()
+
+
+@pytest.fixture(scope="module")
+def models(world):
+    return {(f, h): build(world, f, h) for f in FAMILIES for h in ("flat", "factorized")}
+
+
+def images(model, prompts=PROMPTS, **fields) -> torch.Tensor:
+    """generate_images -> image ids (P*N, 16)."""
+    grid = generate_images(model, prompts, SamplingConfig(**fields), tokenizer=model.load_text_tokenizer())
+    return model.vocab.to_ids(grid)
+
+
+def prompt_ids(model, caption: str) -> torch.Tensor:
+    return generation_prompt_ids(caption, model.load_text_tokenizer(), "vicuna_v1")
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("head", ["flat", "factorized"])
+def test_kv_cache_gives_the_ids_of_full_recomputation(models, family, head):
+    model = models[family, head]
+    for fields in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 5, "num_images": 2}):
+        cached, full = (images(model, cfg_scale=3.0, use_cache=c, **fields) for c in (True, False))
+        assert cached.shape == (len(PROMPTS) * fields.get("num_images", 1), NUM)
+        assert torch.equal(cached, full)
+
+
+def test_cached_steps_over_left_padded_rows_match_one_plain_forward_per_row(models):
+    """DecodingRows' hidden states (prefill + cached steps, left-padded batch) equal one plain forward per row."""
+    model = models["qwen2", "flat"]
+    rows = [prompt_ids(model, p) for p in PROMPTS[:2]]
+    extra = model.vocab.to_ids(random_grid(2))[:, :3]  # (2, 3) image ids fed one per step
+    with torch.no_grad():
+        single = []
+        for r, e in zip(rows, extra, strict=True):
+            ids = torch.cat([r, e])[None]
+            single.append(model.backbone(model.embed(ids)).last_hidden_state[0, -4:])
+        state = DecodingRows(model)
+        stepped = [state.start(*left_pad(rows, model.vocab.boi_id))] + [state.step(e) for e in extra.T]
+    for b in range(2):
+        assert torch.allclose(torch.stack([s[b] for s in stepped]), single[b], atol=1e-5)
+
+
+def test_cfg_scale_one_equals_plain_conditional_sampling(models):
+    model = models["llama", "flat"]
+    cond, uncond = [prompt_ids(model, p) for p in PROMPTS], prompt_ids(model, "")
+    cfg = SamplingConfig(cfg_scale=1.0, seed=3, num_images=2)
+    with_uncond_rows = sample_image_ids(model, cond, uncond, NUM, cfg)
+    assert torch.equal(with_uncond_rows, sample_image_ids(model, cond, None, NUM, cfg))
+    assert torch.equal(with_uncond_rows, images(model, cfg_scale=1.0, seed=3, num_images=2))
+    guided = images(model, cfg_scale=4.0, seed=3, num_images=2)
+    assert not torch.equal(guided, with_uncond_rows)
+    linear = images(model, cfg_scale=4.0, cfg_schedule="linear", seed=3, num_images=2)
+    assert torch.equal(linear[:, 0], with_uncond_rows[:, 0]) and not torch.equal(linear, guided)  # scale 1 at t = 0
+
+
+@contextmanager
+def scaled(weight: torch.Tensor, factor: float):
+    """Multiply a parameter in place for the block, then restore it."""
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(factor)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+@pytest.mark.parametrize("head", ["flat", "factorized"])
+def test_image_positions_never_get_text_ids_even_when_text_is_far_likelier(models, head):
+    model = models["llama", head]
+    with scaled(model.causal_lm.get_output_embeddings().weight, 1e3):  # every text logit dwarfs every image logit
+        ids = images(model, temperature=1.0, cfg_scale=2.0, num_images=2)
+        assert model.vocab.is_image_id(ids).all()
+        seq = torch.cat([prompt_ids(model, PROMPTS[0]), torch.tensor([model.vocab.boi_id]), ids[0]])[None]
+        with torch.no_grad():
+            hidden = model.backbone(model.embed(seq)).last_hidden_state[0, -NUM - 1 : -1]  # predicts ids[0]
+            text_max = model.text_logits(hidden).max(-1).values
+            image_max = model.image_logits(hidden).max(-1).values
+        assert (text_max > image_max + 10).all()  # an unrestricted sampler would have written text here
+
+
+def test_fixed_seed_reproduces_and_each_image_has_its_own_seed(models):
+    model = models["llama", "factorized"]
+    first = images(model, seed=11, num_images=2, top_k=20, top_p=0.9)
+    assert torch.equal(first, images(model, seed=11, num_images=2, top_k=20, top_p=0.9))
+    assert not torch.equal(first, images(model, seed=12, num_images=2, top_k=20, top_p=0.9))
+    assert not torch.equal(first[0], first[1])  # two images of one prompt differ
+    alone = images(model, PROMPTS[1:2], seed=11 + 3, num_images=1, top_k=20, top_p=0.9)  # image 3 = prompt 1, n 1
+    assert torch.equal(alone[0], first[3])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_prompts_of_different_lengths_equal_one_by_one(models, family):
+    model, n = models[family, "flat"], 2
+    assert len({len(prompt_ids(model, p)) for p in PROMPTS}) == len(PROMPTS)
+    for fields in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 7}):
+        batched = images(model, num_images=n, cfg_scale=3.0, **fields)
+        for p, prompt in enumerate(PROMPTS):
+            seed = fields.get("seed", 0) + p * n
+            alone = images(model, [prompt], num_images=n, cfg_scale=3.0, **{**fields, "seed": seed})
+            assert torch.equal(batched[p * n : (p + 1) * n], alone)
+
+
+def test_factorized_head_draws_i_then_j_given_i_with_guidance_at_both_levels(models):
+    model, scale = models["qwen2", "factorized"], 2.5
+    ids = images(model, PROMPTS[:1], temperature=0.0, cfg_scale=scale)
+    rows = [torch.cat([prompt_ids(model, c), torch.tensor([model.vocab.boi_id])]) for c in (PROMPTS[0], "")]
+    with torch.no_grad():  # the first position by hand: cond and uncond rows, guided i, then guided j given that i
+        h = torch.stack([model.backbone(model.embed(r[None])).last_hidden_state[0, -1] for r in rows])  # (2, D)
+        sem = model.head.semantic_logits(h)
+        i = int((sem[0] + (scale - 1) * (sem[0] - sem[1])).argmax())
+        tex = model.head.texture_logits(h, torch.tensor([i, i]))
+        j = int((tex[0] + (scale - 1) * (tex[0] - tex[1])).argmax())
+    assert model.vocab.split(ids[0, :1]) == (torch.tensor([i]), torch.tensor([j]))
+    sampled = images(model, temperature=1.0, num_images=4, seed=1)
+    semantic, texture = model.vocab.split(sampled)
+    assert semantic.max() < model.vocab.K and texture.max() < model.vocab.m and len(sampled.unique()) > NUM
+
+
+def test_filtering_keeps_top_k_and_the_top_p_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.75)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.76)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+    assert torch.equal(filter_logits(logits, top_k=9), logits)
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        SamplingConfig(top_p=0.0)
+
+
+def test_bad_prompts_are_named(models):
+    model = models["llama", "flat"]
+    with pytest.raises(InferenceError, match="prompt 1 is empty"):
+        images(model, ["a cat", "  "])
+    with pytest.raises(InferenceError, match=f"exceeds the model's context of {CONTEXT} tokens"):
+        images(model, ["cat " * 60])
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+
+def test_text_generation_cache_stops_and_never_draws_specials(models):
+    model = models["llama", "flat"]
+    tokenizer, image = model.load_text_tokenizer(), model.vocab.to_ids(random_grid(1))
+    session = ChatSession(model, tokenizer, image, SamplingConfig(temperature=0.0, max_new_tokens=12))
+    ids = session.prompt_ids("what color is the cat")
+    assert (ids == model.vocab.boi_id).sum() == 1 and model.vocab.is_image_id(ids).sum() == NUM
+    greedy, sampled = (SamplingConfig(temperature=t, seed=4, max_new_tokens=12) for t in (0.0, 1.0))
+    cached = generate_text(model, ids, greedy)
+    assert len(cached) > 0 and torch.equal(cached, generate_text(model, ids, replace(greedy, use_cache=False)))
+    assert torch.equal(generate_text(model, ids, sampled), generate_text(model, ids, replace(sampled, use_cache=False)))
+    with scaled(model.special.head, 1e3):  # untied Llama: the specials' own output rows
+        with torch.no_grad():
+            hidden = model.backbone(model.embed(ids[None])).last_hidden_state[0, -1]
+        assert int(model.text_logits(hidden).argmax()) in model.vocab.special_ids  # a special would win
+        answer = generate_text(model, ids, greedy)
+    assert torch.equal(answer, cached)  # the specials are never candidates, however likely
+    assert not (answer.unsqueeze(-1) == torch.tensor(model.vocab.special_ids)).any()
+    assert len(generate_text(model, ids, greedy, stop_ids=[int(cached[0])])) == 0
+    assert tokenizer.eos_token_id in session.stop_ids()
+
+
+def test_chat_renders_the_history_with_the_image_once(models):
+    model = models["llama", "factorized"]
+    tokenizer, greedy = model.load_text_tokenizer(), SamplingConfig(temperature=0.0, max_new_tokens=4)
+    session = ChatSession(model, tokenizer, model.vocab.to_ids(random_grid(1)), greedy)
+    answer = session.ask("what color is the cat")
+    assert session.history == ([("what color is the cat", answer)] if answer else [])  # empty answers are dropped
+    session.history = [("what color is the cat", "red")]
+    ids = session.prompt_ids("how many fish")
+    text = tokenizer.decode(ids[~model.vocab.is_image_id(ids)].tolist())
+    assert model.vocab.is_image_id(ids).sum() == NUM and (ids == model.vocab.boi_id).sum() == 1
+    assert text.index("what color is the cat") < text.index("red") < text.index("how many fish")
+    with pytest.raises(InferenceError, match="exceeds the model's context"):
+        session.ask("cat " * 80)
+    with pytest.raises(InferenceError, match="empty"):
+        session.ask(" ")
+
+
+# ---------------------------------------------------------------------------------------------------- scripts
+
+
+def script_main(name: str):
+    return runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name="scripts")["main"]
+
+
+def run_in_process(name: str, args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        script_main(name)(args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_script(name: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "scripts" / f"{name}.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, input=stdin, timeout=300)
+
+
+def test_generate_script_writes_images_and_a_grid(world, tmp_path):
+    out = tmp_path / "out" / "cats.png"
+    result = run_script("generate", "--checkpoint", str(world / "mllm"), "--prompt", "a red cat", "--prompt",
+                        "two fish", "--num-images", "3", "--seed", "2", "--top-k", "40", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    files = [out, *(out.with_name(f"cats-{p}-{n}.png") for p in range(2) for n in range(3))]
+    assert all(str(f) in result.stdout for f in files) and "image tokens" in result.stderr  # tqdm
+    size = PRESETS["semhitok-tiny"].image_size
+    assert Image.open(files[1]).size == (size, size) and Image.open(out).size == (3 * size + 8, 2 * size + 6)
+
+
+def test_chat_script_answers_once_and_interactively(world, capsys):
+    args = ["--checkpoint", str(world / "mllm"), "--image", str(world / "red.png"), "--max-new-tokens", "5"]
+    code, out, err = run_in_process("chat", [*args, "--question", "what color is it"], capsys)
+    assert code == 0 and len(out.splitlines()) == 1, err
+    result = run_script("chat", *args, stdin="what color is it\n\nhow many\nexit\nnever asked\n")
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 2, result.stderr
+    assert result.stdout.splitlines()[0] == out.strip()  # greedy: the one-shot answer again
+
+
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("generate", ["--prompt", " "], "prompt 0 is empty"),
+        ("generate", ["--prompt", "cat " * 60], "exceeds the model's context of 96 tokens"),
+        ("generate", ["--prompt", "a cat", "--top-p", "0"], "0 < top_p <= 1"),
+        ("chat", ["--image", "{world}/broken.png", "--question", "what"], "cannot load image"),
+        ("chat", ["--image", "{world}/missing.png", "--question", "what"], "cannot load image"),
+        ("chat", ["--image", "{world}/red.png", "--question", ""], "the question is empty"),
+        ("chat", ["--image", "{world}/red.png", "--question", "cat " * 80], "exceeds the model's context"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(world, capsys, name, args, message):
+    args = [a.format(world=world) for a in args]
+    code, _, err = run_in_process(name, ["--checkpoint", str(world / "mllm"), *args], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("name", ["generate", "chat"])
+def test_bad_checkpoints_are_one_line_and_exit_2(world, capsys, monkeypatch, tmp_path, name):
+    question = ["--prompt", "a cat"] if name == "generate" else ["--image", str(world / "red.png"), "--question", "a"]
+    monkeypatch.setattr(mllm.cli, "DEFAULT_CHECKPOINT", tmp_path / "demo")
+    cases = {None: "no demo checkpoint is shipped yet", world / "nowhere": "checkpoint folder not found",
+             world / "semhitok": "is a SemHiTok tokenizer checkpoint, not an MLLM checkpoint",
+             world: "not an MLLM checkpoint (no mllm_config.json)"}  # fmt: skip
+    for folder, message in cases.items():
+        code, _, err = run_in_process(name, [*question, *(["--checkpoint", str(folder)] if folder else [])], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_real_failing_run_prints_no_traceback(world):
+    result = run_script("generate", "--checkpoint", str(world / "semhitok"), "--prompt", "a cat")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("generate.py: error: ")
