@@ -262,6 +262,26 @@ def test_reconstruction_script_end_to_end(tmp_path, checkpoint):
     assert Image.open(out / "reconstructions.png").size == (5 * TINY.image_size, 2 * TINY.image_size)
 
 
+def test_reconstruction_of_a_runs_holdout_split(tmp_path, checkpoint, capsys):
+    from semhitok.configio import save_config
+    from semhitok.train import DataConfig, TokenizerRunConfig, TrainConfig, build_datasets, in_holdout
+
+    data = write_folder(tmp_path / "imgs", 12)
+    split = DataConfig(train=(str(data),), holdout_fraction=0.4, batch_size=2)
+    run = TokenizerRunConfig(model=TINY, out_dir=str(tmp_path / "run"), train=TrainConfig(data=split))
+    (tmp_path / "run").mkdir()
+    save_config(run, tmp_path / "run" / "config.yaml")
+    held = [p for p in sorted(data.iterdir()) if in_holdout(p.name, 0.4, 0)]
+    assert 0 < len(held) == len(build_datasets(run.train.data, TINY.image_size)[1]) < 12
+    script, out = load_script("reconstruction"), tmp_path / "out"
+    script.main([str(a) for a in ["--checkpoint", checkpoint, "--holdout-of", tmp_path / "run", "--out", out,
+                                  "--no-fid"]])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_images"] == len(held) and results["data"].startswith("held-out split of")
+    err = run_main_expecting_error(script, ["--checkpoint", checkpoint, "--holdout-of", tmp_path], capsys)
+    assert "config file not found" in err
+
+
 def test_reconstruction_script_bad_inputs_give_one_clear_line(tmp_path, checkpoint, capsys):
     script, data = load_script("reconstruction"), write_folder(tmp_path / "imgs", 2)
     (tmp_path / "empty").mkdir()
