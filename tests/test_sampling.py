@@ -38,14 +38,6 @@ PROMPTS = ["draw a red cat", "a big blue dog on the mat with a ball under the sk
 NUM = GRID * GRID
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Folders: a tiny LLM + tokenizer per family, the tiny SemHiTok, a saved MLLM checkpoint, an image, a non-image."""

@@ -1,0 +1,80 @@
+"""What scripts/generate.py and scripts/chat.py share: the checkpoint flag and its default, sampling flags, one-line
+errors, and writing images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid
+from transformers.utils import logging as hf_logging
+
+from mllm.sampling import Inference, InferenceError, SamplingConfig, load_for_inference
+from semhitok import AssetError, ImageLoadError, resolve_device, to_pil
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "mllm"  # the embedded demo MLLM (not shipped yet)
+USER_ERRORS = (InferenceError, ImageLoadError, AssetError, OSError, ValueError)  # ConfigError, VocabError: ValueError
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> None:
+    """--checkpoint, --device, --template, --seed, --temperature, --top-k, --top-p."""
+    parser.add_argument("--checkpoint", type=Path, help="MLLM folder (SemHiTokLM.save_pretrained / export_merged); "
+                        "default: the embedded demo checkpoint")  # fmt: skip
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--template", default="auto", help="conversation template the model was trained with: "
+                        "chat_template, vicuna_v1, or auto (the tokenizer's chat template if it has one)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+
+
+def sampling_config(args: argparse.Namespace, **fields) -> SamplingConfig:
+    """SamplingConfig from the flags of `add_sampling_args` plus `fields`; ValueError names a bad value."""
+    base = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return replace(base, **fields)
+
+
+def checkpoint_dir(path: Path | None) -> Path:
+    """The --checkpoint folder, or the demo checkpoint; InferenceError when no demo checkpoint exists."""
+    if path is not None:
+        return path
+    if not DEFAULT_CHECKPOINT.is_dir():
+        raise InferenceError(f"no demo checkpoint is shipped yet (nothing at {DEFAULT_CHECKPOINT}): pass --checkpoint "
+                             "DIR, a folder written by SemHiTokLM.save_pretrained (e.g. <train.out_dir>/model)")  # fmt: skip
+    return DEFAULT_CHECKPOINT
+
+
+def load(args: argparse.Namespace) -> Inference:
+    """The checkpoint of --checkpoint on --device, with transformers' loading bars and notices silenced (stderr is
+    for our progress and errors)."""
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    return load_for_inference(checkpoint_dir(args.checkpoint), resolve_device(args.device))
+
+
+@contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """A user mistake raised in the block -> `prog: error: message` on stderr and exit status 2, no traceback."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def save_images(images: torch.Tensor, out: Path, per_row: int) -> list[Path]:
+    """images (B, 3, H, W) in [-1, 1] -> `out` (a grid PNG, `per_row` images per row) and each image beside it as
+    <stem>-<row>-<col>.png. Returns [grid, *images]."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out.with_name(f"{out.stem}-{k // per_row}-{k % per_row}.png") for k in range(len(images))]
+    for image, path in zip(images, paths, strict=True):
+        to_pil(image).save(path)
+    to_pil(make_grid(images.float().cpu(), nrow=per_row, padding=2, pad_value=1.0)).save(out)
+    return [out, *paths]

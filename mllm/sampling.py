@@ -1,0 +1,371 @@
+"""Sampling from a `SemHiTokLM` (DESIGN §4 "Sampling"): text-to-image ids, and text answers about an image.
+
+    generate_images(model, prompts, cfg)   prompts -> TokenGrid; `semhitok.decode(grid)` gives the pixels
+    sample_image_ids(model, rows, ...)     the same from prompt ids (what generate_images calls)
+    generate_text(model, prompt_ids, cfg)  greedy or sampled continuation, stopping at eos / end-of-turn
+    ChatSession                            a conversation about one image, history kept
+    load_for_inference(folder)             model + text tokenizer + SemHiTok, with one-line errors
+
+Image generation: every prompt row is left-padded into one batch (attention mask 0 on pads, position ids counted
+from each row's first real token), `<boi>` is forced, the prompts are prefilled once, then ONE token per step runs
+through the KV cache. Inside the image only the image head is evaluated (`image_logits`, K·m classes, or the
+factorized head's i over K then j over m given i), so no text id can ever be sampled there; exactly h·w image ids are
+produced and `<eoi>` is implied (never sampled). Classifier-free guidance keeps a conditional and an unconditional
+row (the empty-caption prompt) per image in the same batch, both fed the id sampled for the image, and mixes
+`cond + (s - 1)(cond - uncond)` (exactly `cond` at s = 1) before temperature / top-k / top-p. Randomness: image r of
+a call (prompt-major: r = p·N + n) draws from its own `torch.Generator` seeded `seed + r`, so an image does not depend
+on the batch it is sampled in, and one seed reproduces a call exactly. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from mllm.conversation import GPT, HUMAN, get_template, tokenize_prompt
+from mllm.data.llava import IMAGE_PLACEHOLDER
+from mllm.data.mixture import GENERATION_PROMPT, generation_prompt_ids
+from mllm.model import CONFIG_NAME, FactorizedImageHead, SemHiTokLM
+from semhitok import SemHiTok, SemHiTokConfig, TokenGrid, load_image, to_tensor
+
+Progress = Callable[[Iterable[int]], Iterable[int]]  # e.g. tqdm: wraps the loop over image positions
+
+
+class InferenceError(ValueError):
+    """A checkpoint, prompt or image that cannot be sampled from; the message is one line that names the fix."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How ids are drawn. temperature 0 = greedy; top_k 0 and top_p 1 = off; cfg_scale 1 = no guidance (no
+    unconditional rows are run). cfg_schedule "linear" ramps the scale from 1 at the first image position to
+    cfg_scale at the last. max_new_tokens bounds text answers. use_cache False recomputes the whole sequence at
+    every step (the reference the KV cache is tested against)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 3.0
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    seed: int = 0
+    num_images: int = 1
+    max_new_tokens: int = 256
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {"temperature >= 0": self.temperature >= 0, "top_k >= 0": self.top_k >= 0,
+                  "0 < top_p <= 1": 0 < self.top_p <= 1, "cfg_scale >= 0": self.cfg_scale >= 0,
+                  "num_images >= 1": self.num_images >= 1, "max_new_tokens >= 1": self.max_new_tokens >= 1,
+                  "cfg_schedule in (constant, linear)": self.cfg_schedule in ("constant", "linear")}  # fmt: skip
+        bad = [rule for rule, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"SamplingConfig needs {', '.join(bad)}: got {self}")
+
+    def scale_at(self, t: int, n: int) -> float:
+        """Guidance scale at image position t of n."""
+        if self.cfg_schedule == "constant" or n == 1:
+            return self.cfg_scale
+        return 1.0 + (self.cfg_scale - 1.0) * t / (n - 1)
+
+
+# ---------------------------------------------------------------------------------------------------- drawing ids
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """(R, V) float -> the same with -inf outside the top_k largest and outside the smallest set whose probability
+    reaches top_p (the most likely id is always kept)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # (R, V) mass of the more likely ids
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(before >= top_p, float("-inf")))
+    return logits
+
+
+def draw(logits: Tensor, cfg: SamplingConfig, generators: Sequence[torch.Generator]) -> Tensor:
+    """(R, V) logits -> (R,) int64 class indices: argmax at temperature 0, else row r sampled with generators[r]."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)  # (R, V)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+
+
+def guide(logits: Tensor, scale: float, guided: bool) -> Tensor:
+    """(2R, V) cond rows then uncond rows -> (R, V) `cond + (scale - 1)(cond - uncond)`; (R, V) unchanged if not
+    guided. float32."""
+    if not guided:
+        return logits.float()
+    cond, uncond = logits.float().chunk(2)
+    return cond + (scale - 1.0) * (cond - uncond)
+
+
+def draw_image_index(model: SemHiTokLM, hidden: Tensor, scale: float, cfg: SamplingConfig,
+                     generators: Sequence[torch.Generator], guided: bool) -> Tensor:  # fmt: skip
+    """Hidden states (R or 2R, D) -> flat code indices f = i·m + j (R,) in [0, K·m), from the image head only.
+    Factorized head: i from the guided semantic logits, then j from the guided texture logits given that i (the
+    uncond rows are given the same i)."""
+    if not isinstance(model.head, FactorizedImageHead):
+        return draw(guide(model.image_logits(hidden), scale, guided), cfg, generators)
+    i = draw(guide(model.head.semantic_logits(hidden), scale, guided), cfg, generators)  # (R,)
+    given = i.repeat(2) if guided else i
+    j = draw(guide(model.head.texture_logits(hidden, given), scale, guided), cfg, generators)
+    return i * model.vocab.m + j
+
+
+def make_generators(seed: int, n: int, device: torch.device) -> list[torch.Generator]:
+    """n generators seeded seed, seed + 1, ...: row r's draws never depend on the other rows."""
+    return [torch.Generator(device=device).manual_seed(seed + r) for r in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------- decoding state
+
+
+class DecodingRows:
+    """Rows decoded together: the attention mask (0 on left pads), position ids and the KV cache.
+    With use_cache False it keeps the ids and re-runs the whole sequence at every step instead."""
+
+    def __init__(self, model: SemHiTokLM, use_cache: bool = True):
+        self.model, self.use_cache = model, use_cache
+        self.ids = self.mask = self.cache = None
+
+    def start(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Prefill left-padded ids (R, L) with mask (R, L) -> hidden state of the last position (R, D)."""
+        self.ids, self.mask = ids[:, :0], mask[:, :0]
+        return self._forward(ids, mask)
+
+    def step(self, ids: Tensor) -> Tensor:
+        """Append one id per row (R,) -> its hidden state (R, D)."""
+        return self._forward(ids[:, None], torch.ones_like(ids[:, None]))
+
+    def _forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        self.ids, self.mask = torch.cat([self.ids, ids], 1), torch.cat([self.mask, mask], 1)  # (R, T)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (R, T): 0 at each row's first real token
+        q = ids.shape[1] if self.use_cache else self.ids.shape[1]
+        out = self.model.backbone(self.model.embed(self.ids[:, -q:]), self.mask, positions[:, -q:],
+                                  past_key_values=self.cache, use_cache=self.use_cache)  # fmt: skip
+        self.cache = out.past_key_values if self.use_cache else None
+        return out.last_hidden_state[:, -1]
+
+
+def left_pad(rows: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Id rows (L_r,) -> ids (R, L) int64 padded on the left with pad_id, attention mask (R, L) int64 (0 on pads)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, r in enumerate(rows):
+        ids[k, length - len(r) :], mask[k, length - len(r) :] = r, 1
+    return ids, mask
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Eval mode (no dropout, LoRA dropout included) and no grad for the block; the previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def context_length(model: SemHiTokLM) -> int | None:
+    """The LLM's maximum sequence length (max_position_embeddings), None if its config does not say."""
+    return getattr(model.causal_lm.config, "max_position_embeddings", None)
+
+
+def check_length(model: SemHiTokLM, prompt_len: int, extra: int, what: str) -> None:
+    """InferenceError unless prompt_len + extra tokens fit the LLM's context (when its config states one)."""
+    limit = context_length(model)
+    if limit is not None and prompt_len + extra > limit:
+        raise InferenceError(f"{what} is {prompt_len} tokens; with {extra} more it exceeds the model's context of "
+                             f"{limit} tokens (at most {limit - extra} prompt tokens): shorten it")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+def sample_image_ids(model: SemHiTokLM, prompts: Sequence[Tensor], uncond: Tensor | None, num_tokens: int,
+                     cfg: SamplingConfig, progress: Progress | None = None) -> Tensor:  # fmt: skip
+    """Prompt ids (P rows (L_p,) int64, each ending with the assistant prefix; `<boi>` is appended here) and the
+    unconditional prompt (None: no guidance rows) -> image ids (P·N, num_tokens) int64, N = cfg.num_images, image n
+    of prompt p at row p·N + n. With `uncond`, 2·P·N rows run; at scale 1 the result equals `uncond=None`."""
+    images = [p for p in prompts for _ in range(cfg.num_images)]  # (P·N) cond rows, then as many uncond rows
+    guided = uncond is not None
+    boi = torch.tensor([model.vocab.boi_id])
+    device = model.code_sem.device
+    prompt_rows = [torch.cat([r.cpu(), boi]) for r in images + ([uncond] * len(images) if guided else [])]
+    ids, mask = (t.to(device) for t in left_pad(prompt_rows, model.vocab.boi_id))
+    generators = make_generators(cfg.seed, len(images), device)
+    rows = DecodingRows(model, cfg.use_cache)
+    out = torch.empty(len(images), num_tokens, dtype=torch.long, device=device)
+    with eval_mode(model):
+        hidden = rows.start(ids, mask)
+        for t in (progress or iter)(range(num_tokens)):
+            scale = cfg.scale_at(t, num_tokens)
+            out[:, t] = draw_image_index(model, hidden, scale, cfg, generators, guided)
+            if t + 1 < num_tokens:  # `<eoi>` is forced after the last one: nothing left to predict
+                next_ids = model.vocab.index_to_ids(out[:, t])
+                hidden = rows.step(next_ids.repeat(2) if guided else next_ids)
+    return model.vocab.index_to_ids(out)
+
+
+def generate_images(model: SemHiTokLM, prompts: Sequence[str], cfg: SamplingConfig, *, tokenizer=None,
+                    template: str = "auto", prompt_format: str = GENERATION_PROMPT, grid: int | None = None,
+                    progress: Progress | None = None) -> TokenGrid:  # fmt: skip
+    """Captions (P,) -> TokenGrid (P·N, h, w) of sampled codes (row p·N + n = image n of prompt p).
+
+    tokenizer: the model's text tokenizer (default `model.load_text_tokenizer()`); template / prompt_format: how the
+    model was trained (DataConfig.template / .prompt; "auto" = the tokenizer's chat template, else vicuna_v1);
+    grid: token grid side (default: from the model's SemHiTok checkpoint). InferenceError for an empty prompt or one
+    that does not fit the context with the image."""
+    if not prompts:
+        raise InferenceError("no prompts given")
+    tokenizer = tokenizer if tokenizer is not None else model.load_text_tokenizer()
+    template, g = resolve_template(template, tokenizer), grid or semhitok_grid(model)
+    cond = [_generation_prompt(model, p, k, tokenizer, template, prompt_format, g * g) for k, p in enumerate(prompts)]
+    uncond = generation_prompt_ids("", tokenizer, template, prompt_format) if cfg.cfg_scale != 1.0 else None
+    return model.vocab.from_ids(sample_image_ids(model, cond, uncond, g * g, cfg, progress).cpu(), g, g)
+
+
+def _generation_prompt(model: SemHiTokLM, caption: str, k: int, tokenizer, template: str, prompt_format: str,
+                       num_tokens: int) -> Tensor:  # fmt: skip
+    if not caption.strip():
+        raise InferenceError(f"prompt {k} is empty: give a caption (the empty prompt is the unconditional one)")
+    ids = generation_prompt_ids(caption, tokenizer, template, prompt_format)
+    check_length(model, len(ids), num_tokens + 2, f"prompt {k} ({caption[:40]!r}...)")  # + <boi>, <eoi>
+    return ids
+
+
+def semhitok_grid(model: SemHiTokLM) -> int:
+    """Token grid side h = w of the SemHiTok checkpoint the model references (read from its config.json)."""
+    path = Path(model.config.semhitok) / "config.json"
+    if not path.is_file():
+        raise InferenceError(f"the model's SemHiTok checkpoint has no {path.name}: {path.parent}")
+    return SemHiTokConfig.from_dict(json.loads(path.read_text())).grid
+
+
+def resolve_template(name: str, tokenizer) -> str:
+    """The template name: `auto` -> chat_template if the tokenizer has one, else vicuna_v1; others checked."""
+    if name != "auto":
+        return get_template(name).name
+    return "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+
+def generate_text(model: SemHiTokLM, prompt_ids: Tensor, cfg: SamplingConfig, stop_ids: Sequence[int] = (),
+                  allowed: Tensor | None = None) -> Tensor:  # fmt: skip
+    """Continue one prompt (L,) int64 (text and inline image ids) -> new text ids (n,) int64, n <= max_new_tokens and
+    the context, without the stop id that ended it. Only text ids can be drawn, never `<boi>`, `<eoi>`, `<image>`;
+    `allowed` (offset,) bool restricts them further (e.g. to ids the tokenizer knows). Uses cfg.seed (one row)."""
+    limit = context_length(model)
+    check_length(model, len(prompt_ids), 1, "the prompt")
+    budget = min(cfg.max_new_tokens, limit - len(prompt_ids)) if limit else cfg.max_new_tokens
+    device = model.code_sem.device
+    banned = torch.zeros(model.vocab.offset, dtype=torch.bool, device=device)
+    banned[list(model.vocab.special_ids)] = True
+    if allowed is not None:
+        banned |= ~allowed.to(device)
+    generators, stop, new = make_generators(cfg.seed, 1, device), set(stop_ids), []
+    rows = DecodingRows(model, cfg.use_cache)
+    with eval_mode(model):
+        hidden = rows.start(prompt_ids[None].to(device), torch.ones_like(prompt_ids[None]).to(device))
+        for _ in range(budget):
+            token = draw(model.text_logits(hidden).float().masked_fill(banned, float("-inf")), cfg, generators)
+            if int(token) in stop:
+                break
+            new.append(int(token))
+            hidden = rows.step(token) if len(new) < budget else hidden
+    return torch.tensor(new, dtype=torch.long)
+
+
+@dataclass
+class ChatSession:
+    """A conversation about one image (or none): each `ask` renders the whole history with the template, the image
+    as `<image>` in the first question (expanded to its ids), and answers it. Exchanges with an empty answer are not
+    kept (a template cannot render an empty turn)."""
+
+    model: SemHiTokLM
+    tokenizer: Any
+    image_ids: Tensor | None  # (1, h·w) image ids (`VisualVocab.to_ids(semhitok.encode(image))`), or None
+    cfg: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    template: str = "auto"
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+    def prompt_ids(self, question: str) -> Tensor:
+        """(L,) int64 prompt for `question` after the history, placeholder expanded."""
+        if not question.strip():
+            raise InferenceError("the question is empty")
+        exchanges = [*self.history, (question, None)]
+        turns = []
+        for k, (q, a) in enumerate(exchanges):
+            q = f"{IMAGE_PLACEHOLDER}\n{q}" if k == 0 and self.image_ids is not None else q
+            turns += [{"from": HUMAN, "value": q}] + ([{"from": GPT, "value": a}] if a is not None else [])
+        ids = tokenize_prompt(turns, self.tokenizer, resolve_template(self.template, self.tokenizer))
+        if self.image_ids is None:
+            return ids
+        return self.model.vocab.expand_placeholders(ids, None, self.image_ids.cpu())[0]
+
+    def stop_ids(self) -> list[int]:
+        """eos and the template's end-of-turn token (when it is one token)."""
+        template = get_template(resolve_template(self.template, self.tokenizer))
+        end = self.tokenizer(template.end_of_turn(self.tokenizer), add_special_tokens=False)["input_ids"]
+        return sorted({self.tokenizer.eos_token_id, *(end if len(end) == 1 else [])} - {None})
+
+    def ask(self, question: str) -> str:
+        """The model's answer to `question` (decoded, special tokens skipped); the exchange joins the history."""
+        known = torch.arange(self.model.vocab.offset) < len(self.tokenizer)
+        ids = generate_text(self.model, self.prompt_ids(question), self.cfg, self.stop_ids(), known)
+        answer = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+        if answer:
+            self.history.append((question, answer))
+        return answer
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Inference:
+    """What sampling needs from a checkpoint: the model (eval mode), its text tokenizer and its SemHiTok."""
+
+    model: SemHiTokLM
+    tokenizer: Any
+    semhitok: SemHiTok
+
+    def encode_image(self, path: str | Path) -> Tensor:
+        """Image file -> (1, h·w) image ids. ImageLoadError (one line) for a missing or unreadable file."""
+        image = to_tensor(load_image(path, self.semhitok.config.image_size))[None]  # (1, 3, H, W) in [-1, 1]
+        grid = self.semhitok.encode(image.to(self.model.code_sem.device))
+        return self.model.vocab.to_ids(grid)
+
+    def decode(self, grid: TokenGrid) -> Tensor:
+        """TokenGrid (B, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        return self.semhitok.decode(grid)
+
+
+def load_for_inference(directory: str | Path, device: str | torch.device = "cpu") -> Inference:
+    """Load a `SemHiTokLM.save_pretrained` / `export_merged` folder for sampling. InferenceError (one line) for a
+    missing folder or a folder that is not an MLLM checkpoint (e.g. a SemHiTok tokenizer folder)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise InferenceError(f"checkpoint folder not found: {folder}")
+    if not (folder / CONFIG_NAME).is_file():
+        kind = "a SemHiTok tokenizer checkpoint" if (folder / "config.json").is_file() else "not a checkpoint"
+        raise InferenceError(f"{folder} is {kind}, not an MLLM checkpoint (no {CONFIG_NAME}): pass the folder "
+                             "SemHiTokLM.save_pretrained wrote, e.g. <train.out_dir>/model")  # fmt: skip
+    model = SemHiTokLM.from_pretrained(folder).to(device).eval()
+    semhitok = SemHiTok.from_pretrained(model.config.semhitok).to(device).eval()
+    return Inference(model, model.load_text_tokenizer(), semhitok)

@@ -1,0 +1,44 @@
+"""Generate images from text with a SemHiTok MLLM (DESIGN §4 "Sampling": KV cache, classifier-free guidance).
+
+    python scripts/generate.py --prompt "a red circle" [--prompt "two blue squares" ...] [--checkpoint DIR]
+        [--num-images N] [--cfg S] [--cfg-schedule constant|linear] [--temperature T] [--top-k K] [--top-p P]
+        [--seed X] [--out FILE.png]
+
+Writes a grid PNG at --out (one row per prompt, --num-images per row) and each image beside it as
+<stem>-<prompt>-<image>.png, and prints their paths. Image n of prompt p uses seed X + p*N + n, so any single image
+can be re-made alone. Bad input (empty or over-long prompt, missing or non-MLLM checkpoint) prints one line on stderr
+and exits with status 2.
+"""
+
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mllm.cli import add_sampling_args, load, one_line_errors, sampling_config, save_images
+from mllm.sampling import generate_images
+from semhitok.cli import Parser, positive_int
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
+    p.add_argument("--out", type=Path, default=Path("outputs/generated.png"), help="grid PNG; images go beside it")
+    add_sampling_args(p, temperature=1.0)
+    args = p.parse_args(argv)
+    with one_line_errors(p.prog):
+        cfg = sampling_config(args, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, num_images=args.num_images)
+        run = load(args)
+        progress = partial(tqdm, desc="image tokens", unit="tok", leave=False)
+        grid = generate_images(run.model, args.prompt, cfg, tokenizer=run.tokenizer, template=args.template,
+                               progress=progress)  # fmt: skip
+        paths = save_images(run.decode(grid), args.out, args.num_images)
+    print(f"grid: {paths[0]}")
+    print("images:", *paths[1:], sep="\n  ")
+
+
+if __name__ == "__main__":
+    main()
