@@ -1,6 +1,7 @@
 """`make demo`: the most complete end-to-end path that exists today, on its embedded default.
 
-Until the demo checkpoints exist (issue #7: a trained SemHiTok + SmolLM2 MLLM), this runs what is built:
+Until the demo checkpoints exist (issue #7: a trained SemHiTok + SmolLM2 MLLM), this runs what needs no trained
+checkpoint:
   1. renders a held-out synthetic set (images, captions, GenEval/POPE/MME/LLaVA files),
   2. scores the clean renders with the exact detector (the scorer later used on generated images),
   3. reads real images from ../shared/data (if present) through the project's one image loader,
@@ -98,8 +99,9 @@ def main() -> None:
         report["llm"] = llm
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\ndone in {time.perf_counter() - start:.0f}s; outputs in {args.out}/ (report.json, synthetic/)")
-    print("Not done yet: no trained SemHiTok or MLLM checkpoints exist, so no image was tokenized, generated or "
-          "answered by a multimodal model (issues #3-#7).")
+    print("Not done yet: tokenizer and MLLM training, sampling, generate.py and chat.py exist (see README), but no "
+          "trained demo checkpoints are shipped yet (issue #7), so this demo tokenized, generated and answered nothing "
+          "with a multimodal model.")
 
 
 if __name__ == "__main__":
