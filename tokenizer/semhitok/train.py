@@ -662,7 +662,10 @@ def train(run: TokenizerRunConfig) -> Path:
     try:
         trainer = TokenizerTrainer(run, info, device)
         trainer.fit()
-        return trainer.export()
+        model_dir = trainer.export()
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still has collectives in flight
+        return model_dir
     finally:
         if joined and dist.is_initialized():
             dist.destroy_process_group()
