@@ -1,0 +1,237 @@
+"""GenEval (DESIGN §5): prompts in, images out in GenEval's folder layout, scores per tag and overall.
+
+Layout (what djghosh13/geneval's generation scripts write and `evaluation/evaluate_images.py` reads):
+
+    <out>/<index:05d>/metadata.jsonl      the prompt's metadata entry, one line
+    <out>/<index:05d>/samples/<k:05d>.png the k-th image for that prompt
+    <out>/<index:05d>/grid.png            optional: the samples side by side
+
+`index` is the entry's position in the metadata file. The official evaluator (Mask2Former detector + CLIP colour
+classifier) scores the real 553 prompts: `python evaluation/evaluate_images.py <out> --outfile results.jsonl
+--model-path <mask2former weights>` then `python evaluation/summary_scores.py results.jsonl`; its weights cannot be had
+offline here. `score_folder` scores the same folder with any `scorer(entry, image) -> (correct, reason)`; the default
+is the exact detector of the synthetic domain, which scores synthetic-domain entries (`synthetic_metadata`) and
+reports every other entry as not scorable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mllm.sampling import Inference, SamplingConfig, generate_images
+from mllm.synthetic import COLORS, GENEVAL_TAGS, SHAPES, sample_geneval_entries, score_geneval
+from semhitok import read_jsonl, to_pil
+
+Generator = Callable[[list[str], int, int], list[Image.Image]]  # (prompts, n, seed) -> P·n images, prompt-major
+Scorer = Callable[[dict, Image.Image], tuple[bool, str]]
+REQUIRED_KEYS = ("tag", "include", "prompt")
+NOT_SCORABLE = "not scorable by the synthetic detector"
+DEFAULT_SAMPLING = SamplingConfig()  # frozen
+
+
+# ---------------------------------------------------------------------------------------------------- metadata
+
+
+def load_metadata(path: str | Path) -> list[dict]:
+    """GenEval metadata JSONL -> entries. ValueError naming file:line for a line that does not parse or lacks
+    `tag`, `include` or `prompt`."""
+    entries = []
+    for lineno, entry in read_jsonl(path):
+        missing = [k for k in REQUIRED_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: GenEval entry lacks {', '.join(missing)}")
+        entries.append(entry)
+    return entries
+
+
+def synthetic_metadata(n: int, seed: int = 0) -> list[dict]:
+    """n synthetic-domain entries in GenEval's schema, cycling through GENEVAL_TAGS (the held-out benchmark)."""
+    return sample_geneval_entries(np.random.default_rng(seed), n)
+
+
+def write_metadata(path: str | Path, entries: Sequence[dict]) -> None:
+    """Entries -> JSONL, one per line (GenEval's evaluation_metadata.jsonl format)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+
+
+def prompt_dir(out: str | Path, index: int) -> Path:
+    return Path(out) / f"{index:05d}"
+
+
+def sample_path(out: str | Path, index: int, k: int) -> Path:
+    return prompt_dir(out, index) / "samples" / f"{k:05d}.png"
+
+
+def is_complete(out: str | Path, index: int, entry: dict, n: int) -> bool:
+    """True when the prompt folder holds this entry's metadata and samples 0..n-1."""
+    meta = prompt_dir(out, index) / "metadata.jsonl"
+    if not meta.is_file() or json.loads(meta.read_text() or "null") != entry:
+        return False
+    return all(sample_path(out, index, k).is_file() for k in range(n))
+
+
+def side_by_side(images: Sequence[Image.Image]) -> Image.Image:
+    """Images in one row (GenEval's grid.png)."""
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * len(images), h), "white")
+    for k, image in enumerate(images):
+        grid.paste(image.convert("RGB"), (k * w, 0))
+    return grid
+
+
+def write_layout(out: str | Path, index: int, entry: dict, images: Sequence[Image.Image], grid: bool = True) -> Path:
+    """Write one prompt's folder; metadata last, so an interrupted folder is never taken for a complete one."""
+    folder = prompt_dir(out, index)
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(sample_path(out, index, k))
+    if grid:
+        side_by_side(images).save(folder / "grid.png")
+    (folder / "metadata.jsonl").write_text(json.dumps(entry) + "\n")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def model_generator(run: Inference, cfg: SamplingConfig, template: str = "auto") -> Generator:
+    """A Generator that samples from a loaded checkpoint with `cfg` (num_images and seed set per call)."""
+
+    def generate_fn(prompts: list[str], n: int, seed: int) -> list[Image.Image]:
+        grid = generate_images(run.model, prompts, replace(cfg, num_images=n, seed=seed), tokenizer=run.tokenizer,
+                               template=template)  # fmt: skip
+        return [to_pil(x) for x in run.decode(grid)]  # (P·n, 3, H, W) in [-1, 1]
+
+    return generate_fn
+
+
+def generate(source: Inference | Generator, entries: Sequence[dict], out: str | Path, n_per_prompt: int,
+             cfg: SamplingConfig = DEFAULT_SAMPLING, batch: int = 1, grid: bool = True) -> list[int]:  # fmt: skip
+    """Generate `n_per_prompt` images for each entry into GenEval's layout, `batch` prompts per call. Resumable:
+    prompt folders already complete are skipped. Image k of entry i is drawn with seed cfg.seed + i·n + k whatever
+    the batch size (row r of a call is seeded seed + r). Returns the indices generated in this call."""
+    generate_fn = model_generator(source, cfg) if isinstance(source, Inference) else source
+    todo = [i for i, e in enumerate(entries) if not is_complete(out, i, e, n_per_prompt)]
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        images = _generate_chunk(generate_fn, entries, chunk, n_per_prompt, cfg.seed)
+        for j, i in enumerate(chunk):
+            write_layout(out, i, entries[i], images[j * n_per_prompt : (j + 1) * n_per_prompt], grid)
+    return todo
+
+
+def _generate_chunk(generate_fn: Generator, entries: Sequence[dict], chunk: list[int], n: int, seed: int):
+    """Images for the entries at `chunk`; a chunk of non-consecutive indices is drawn one prompt at a time so that
+    every image keeps its own seed."""
+    if chunk == list(range(chunk[0], chunk[0] + len(chunk))):
+        images = generate_fn([entries[i]["prompt"] for i in chunk], n, seed + chunk[0] * n)
+    else:
+        images = [im for i in chunk for im in generate_fn([entries[i]["prompt"]], n, seed + i * n)]
+    if len(images) != len(chunk) * n:
+        raise ValueError(f"the generator returned {len(images)} images for {len(chunk)} prompts x {n}")
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+def synthetic_scorable(entry: dict) -> bool:
+    """True when every class is a synthetic shape and every colour a synthetic colour."""
+    reqs = entry["include"] + entry.get("exclude", [])
+    return all(r["class"] in SHAPES and r.get("color", COLORS[0]) in COLORS for r in reqs)
+
+
+def prompt_folders(out: str | Path) -> list[Path]:
+    """The numbered prompt folders of a GenEval image folder, in order. ValueError when there are none."""
+    root = Path(out)
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    if not folders:
+        raise ValueError(f"no GenEval prompt folders (<index:05d>/metadata.jsonl, samples/) in {root}")
+    return folders
+
+
+def read_entry(folder: Path) -> dict:
+    """The one-line metadata.jsonl of a prompt folder; ValueError naming the file when it is missing or bad."""
+    records = read_jsonl(folder / "metadata.jsonl") if (folder / "metadata.jsonl").is_file() else []
+    if len(records) != 1:
+        raise ValueError(f"{folder / 'metadata.jsonl'}: expected one metadata line, found {len(records)}")
+    return records[0][1]
+
+
+def score_folder(out: str | Path, scorer: Scorer | None = None) -> dict:
+    """Score every sample of a GenEval image folder. scorer: (entry, image) -> (correct, reason); default the
+    synthetic detector, which marks non-synthetic entries `scorable: False`. Returns {"results": per image,
+    "summary": summarize(results)}; per-image rows carry GenEval's results.jsonl fields."""
+    results = []
+    for folder in prompt_folders(out):
+        entry = read_entry(folder)
+        for path in sorted((folder / "samples").glob("*.png")):
+            results.append(_score_image(path, entry, scorer))
+    return {"results": results, "summary": summarize(results)}
+
+
+def _score_image(path: Path, entry: dict, scorer: Scorer | None) -> dict:
+    row = {"filename": str(path), "tag": entry["tag"], "prompt": entry["prompt"], "metadata": json.dumps(entry)}
+    if scorer is None and not synthetic_scorable(entry):
+        return {**row, "scorable": False, "correct": None, "reason": NOT_SCORABLE}
+    with Image.open(path) as image:
+        correct, reason = (scorer or score_geneval)(entry, image.convert("RGB"))
+    return {**row, "scorable": True, "correct": bool(correct), "reason": reason}
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """GenEval's summary (evaluation/summary_scores.py): accuracy per tag = mean over that tag's images; overall =
+    mean of the per-tag accuracies (a macro average, not the mean over images); plus image / prompt counts, the
+    fraction of correct images and of prompts with at least one correct image (prompts told apart by their metadata,
+    as GenEval does). Unscorable rows are only counted."""
+    scored = [r for r in results if r.get("scorable", True)]
+    seen = {r["tag"] for r in scored}
+    tags = [t for t in GENEVAL_TAGS if t in seen] + sorted(seen - set(GENEVAL_TAGS))
+    per_tag = {t: _tally([r for r in scored if r["tag"] == t]) for t in tags}
+    prompts = {}
+    for r in scored:
+        prompts[r["metadata"]] = prompts.get(r["metadata"], False) or r["correct"]
+    return {
+        "tags": per_tag,
+        "overall": float(np.mean([v["accuracy"] for v in per_tag.values()])) if per_tag else None,
+        "images": len(scored),
+        "prompts": len(prompts),
+        "correct_images": _mean([r["correct"] for r in scored]),
+        "correct_prompts": _mean(list(prompts.values())),
+        "not_scorable": len(results) - len(scored),
+        "not_scorable_prompts": len({r["metadata"] for r in results if not r.get("scorable", True)}),
+    }
+
+
+def _mean(values: Sequence[bool]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _tally(rows: Sequence[dict]) -> dict:
+    correct = sum(r["correct"] for r in rows)
+    return {"accuracy": correct / len(rows), "correct": correct, "images": len(rows)}
+
+
+def format_summary(summary: dict) -> str:
+    """A short table: one line per tag, then overall and counts."""
+    lines = [f"{'tag':<16} {'accuracy':>8}  correct/images"]
+    lines += [f"{t:<16} {v['accuracy']:>8.2%}  {v['correct']}/{v['images']}" for t, v in summary["tags"].items()]
+    overall = "n/a" if summary["overall"] is None else f"{summary['overall']:.5f}"
+    lines.append(f"{'overall':<16} {overall:>8}  (mean over tags)")
+    lines.append(f"images {summary['images']}, prompts {summary['prompts']}")
+    if summary["not_scorable"]:
+        lines.append(f"{summary['not_scorable']} images ({summary['not_scorable_prompts']} prompts) {NOT_SCORABLE}: "
+                     "score them with GenEval's evaluation/evaluate_images.py (Mask2Former + CLIP)")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""GenEval: folder layout, resume, scoring with fake generators of known answers, metadata errors, the script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mllm.geneval import (
+    NOT_SCORABLE,
+    generate,
+    load_metadata,
+    score_folder,
+    summarize,
+    synthetic_metadata,
+    write_layout,
+    write_metadata,
+)
+from mllm.synthetic import GENEVAL_TAGS, Scene, render, scene_for_entry
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 128
+
+
+def fake_generator(entries: list[dict], correct):
+    """(prompts, n, seed) -> images: the exact scene of the prompt's entry where `correct(entry, k)`, else the same
+    scene's background alone. Records every call."""
+    by_prompt = {e["prompt"]: e for e in entries}
+    calls = []
+
+    def generate_fn(prompts, n, seed):
+        calls.append((list(prompts), n, seed))
+        images = []
+        for p in prompts:
+            for k in range(n):
+                scene = scene_for_entry(by_prompt[p], np.random.default_rng(seed + k))
+                images.append(render(scene if correct(by_prompt[p], k) else Scene((), scene.background), SIZE))
+        return images
+
+    generate_fn.calls = calls
+    return generate_fn
+
+
+def test_layout_is_genevals(tmp_path):
+    entry = synthetic_metadata(1, seed=0)[0]
+    images = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    write_layout(tmp_path, 7, entry, images)
+    folder = tmp_path / "00007"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+        "grid.png", "metadata.jsonl", "samples", "samples/00000.png", "samples/00001.png"]  # fmt: skip
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == entry
+    assert Image.open(folder / "grid.png").size == (16, 8)
+
+
+def test_resume_skips_complete_folders(tmp_path):
+    entries = synthetic_metadata(4, seed=0)
+    gen = fake_generator(entries, lambda e, k: True)
+    assert generate(gen, entries, tmp_path, 2, batch=2) == [0, 1, 2, 3]
+    assert [c[2] for c in gen.calls] == [0, 4]  # image k of entry i has seed i*n + k
+    (tmp_path / "00002" / "samples" / "00001.png").unlink()  # interrupted
+    gen.calls.clear()
+    assert generate(gen, entries, tmp_path, 2, batch=2) == [2]
+    assert gen.calls == [([entries[2]["prompt"]], 2, 4)]
+    assert generate(gen, entries, tmp_path, 2) == []
+
+
+def test_exact_scenes_score_one_and_backgrounds_zero(tmp_path):
+    entries = synthetic_metadata(6, seed=3)
+    generate(fake_generator(entries, lambda e, k: True), entries, tmp_path / "good", 1, batch=3)
+    generate(fake_generator(entries, lambda e, k: False), entries, tmp_path / "bad", 1, batch=3)
+    good, bad = score_folder(tmp_path / "good")["summary"], score_folder(tmp_path / "bad")["summary"]
+    assert list(good["tags"]) == list(GENEVAL_TAGS)
+    assert {t: v["accuracy"] for t, v in good["tags"].items()} == dict.fromkeys(GENEVAL_TAGS, 1.0)
+    assert {t: v["accuracy"] for t, v in bad["tags"].items()} == dict.fromkeys(GENEVAL_TAGS, 0.0)
+    assert (good["overall"], bad["overall"], good["images"], good["not_scorable"]) == (1.0, 0.0, 6, 0)
+
+
+def test_mixed_generator_gives_hand_computed_scores(tmp_path):
+    """7 entries: single_object twice, the other tags once; 2 images each. single_object always right, the others
+    right on image 0 only -> per tag 1.0 and 0.5; overall = mean over tags = (1 + 5 * 0.5) / 6, not the image
+    mean 9 / 14."""
+    entries = synthetic_metadata(7, seed=5)
+    gen = fake_generator(entries, lambda e, k: e["tag"] == "single_object" or k == 0)
+    generate(gen, entries, tmp_path, 2, batch=4)
+    summary = score_folder(tmp_path)["summary"]
+    assert summary["tags"]["single_object"] == {"accuracy": 1.0, "correct": 4, "images": 4}
+    assert all(summary["tags"][t]["accuracy"] == 0.5 for t in GENEVAL_TAGS[1:])
+    assert summary["overall"] == pytest.approx((1 + 5 * 0.5) / 6)
+    assert summary["correct_images"] == pytest.approx(9 / 14)
+    distinct = len({json.dumps(e) for e in entries})  # GenEval counts prompts by their metadata (duplicates merge)
+    assert (summary["images"], summary["prompts"], summary["correct_prompts"]) == (14, distinct, 1.0)
+
+
+def test_summarize_averages_tags_not_images():
+    rows = [{"tag": "counting", "metadata": "a", "correct": c} for c in (True, True, True, False)]
+    rows.append({"tag": "colors", "metadata": "b", "correct": False})
+    summary = summarize(rows)
+    assert summary["overall"] == pytest.approx((0.75 + 0.0) / 2)
+    assert summary["correct_images"] == pytest.approx(3 / 5)
+
+
+def test_official_metadata_loads_and_is_not_scorable(tmp_path, shared_data):
+    entries = load_metadata(shared_data / "bench" / "geneval" / "evaluation_metadata.jsonl")
+    assert len(entries) == 553 and {e["tag"] for e in entries} == set(GENEVAL_TAGS)
+    blank = lambda prompts, n, seed: [Image.new("RGB", (8, 8))] * (len(prompts) * n)  # noqa: E731
+    generate(blank, entries[:3], tmp_path, 1)
+    scored = score_folder(tmp_path)
+    assert {r["reason"] for r in scored["results"]} == {NOT_SCORABLE}
+    summary = scored["summary"]
+    assert (summary["not_scorable"], summary["not_scorable_prompts"], summary["images"]) == (3, 3, 0)
+    assert summary["overall"] is None
+
+
+@pytest.mark.parametrize(("line", "message"), [("{not json", "invalid JSON"),
+                                               ('{"tag": "colors", "prompt": "x"}', "lacks include")])  # fmt: skip
+def test_bad_metadata_line_is_named(tmp_path, line, message):
+    path = tmp_path / "meta.jsonl"
+    path.write_text(json.dumps(synthetic_metadata(1)[0]) + "\n\n" + line + "\n")
+    with pytest.raises(ValueError, match=rf"meta\.jsonl:3: .*{message}"):
+        load_metadata(path)
+
+
+def run_script(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "eval" / "geneval.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_script_synthetic_metadata_and_score(tmp_path):
+    meta = tmp_path / "meta.jsonl"
+    proc = run_script("synthetic-metadata", "--num", 6, "--seed", 1, "--out", meta)
+    assert proc.returncode == 0, proc.stderr
+    entries = load_metadata(meta)
+    assert entries == synthetic_metadata(6, 1)
+    generate(fake_generator(entries, lambda e, k: True), entries, tmp_path / "images", 1, batch=6)
+    proc = run_script("score", "--images", tmp_path / "images", "--out", tmp_path / "results.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "overall" in proc.stdout and "1.00000" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["summary"]["overall"] == 1.0 and len(results["results"]) == 6
+
+
+def load_script():
+    """eval/geneval.py as a module (eval/ is not a package), to run its main() in-process."""
+    spec = importlib.util.spec_from_file_location("geneval_script", REPO / "eval" / "geneval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_bad_input_is_one_line(tmp_path, capsys):
+    main = load_script().main
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    write_metadata(tmp_path / "ok.jsonl", synthetic_metadata(1))
+    (tmp_path / "empty").mkdir()
+    cases = {"bad.jsonl:1: invalid JSON": ["generate", "--metadata", tmp_path / "bad.jsonl", "--out", tmp_path / "o"],
+             "checkpoint folder not found": ["generate", "--metadata", tmp_path / "ok.jsonl", "--out", tmp_path / "o",
+                                             "--checkpoint", tmp_path / "missing"],
+             "no GenEval prompt folders": ["score", "--images", tmp_path / "empty"],
+             "image folder not found": ["score", "--images", tmp_path / "nowhere"]}  # fmt: skip
+    for needle, args in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
