@@ -25,7 +25,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="images for each prompt, in GenEval's folder layout (resumable)")
     g.add_argument("--metadata", type=Path, required=True, help="GenEval evaluation_metadata.jsonl")
-    g.add_argument("--out", type=Path, required=True, help="image folder (<index:05d>/samples/<k:05d>.png)")
+    g.add_argument("--out", type=Path, required=True, help="image folder (<index:05d>/samples/<k:04d>.png)")
     g.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")
     g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     g.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")

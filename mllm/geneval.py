@@ -1,9 +1,9 @@
 """GenEval (DESIGN §5): prompts in, images out in GenEval's folder layout, scores per tag and overall.
 
-Layout (what djghosh13/geneval's generation scripts write and `evaluation/evaluate_images.py` reads):
+Layout (GenEval's, as its README and DESIGN.md §5 give it; `evaluation/evaluate_images.py` reads samples/*.png):
 
     <out>/<index:05d>/metadata.jsonl      the prompt's metadata entry, one line
-    <out>/<index:05d>/samples/<k:05d>.png the k-th image for that prompt
+    <out>/<index:05d>/samples/<k:04d>.png the k-th image for that prompt
     <out>/<index:05d>/grid.png            optional: the samples side by side
 
 `index` is the entry's position in the metadata file. The official evaluator (Mask2Former detector + CLIP colour
@@ -69,7 +69,7 @@ def prompt_dir(out: str | Path, index: int) -> Path:
 
 
 def sample_path(out: str | Path, index: int, k: int) -> Path:
-    return prompt_dir(out, index) / "samples" / f"{k:05d}.png"
+    return prompt_dir(out, index) / "samples" / f"{k:04d}.png"
 
 
 def is_complete(out: str | Path, index: int, entry: dict, n: int) -> bool:

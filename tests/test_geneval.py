@@ -53,7 +53,7 @@ def test_layout_is_genevals(tmp_path):
     write_layout(tmp_path, 7, entry, images)
     folder = tmp_path / "00007"
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
-        "grid.png", "metadata.jsonl", "samples", "samples/00000.png", "samples/00001.png"]  # fmt: skip
+        "grid.png", "metadata.jsonl", "samples", "samples/0000.png", "samples/0001.png"]  # fmt: skip
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0]) == entry
     assert Image.open(folder / "grid.png").size == (16, 8)
@@ -64,7 +64,7 @@ def test_resume_skips_complete_folders(tmp_path):
     gen = fake_generator(entries, lambda e, k: True)
     assert generate(gen, entries, tmp_path, 2, batch=2) == [0, 1, 2, 3]
     assert [c[2] for c in gen.calls] == [0, 4]  # image k of entry i has seed i*n + k
-    (tmp_path / "00002" / "samples" / "00001.png").unlink()  # interrupted
+    (tmp_path / "00002" / "samples" / "0001.png").unlink()  # interrupted
     gen.calls.clear()
     assert generate(gen, entries, tmp_path, 2, batch=2) == [2]
     assert gen.calls == [([entries[2]["prompt"]], 2, 4)]
