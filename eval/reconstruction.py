@@ -12,15 +12,16 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from semhitok.assets import AssetError
 from semhitok.cli import Parser, positive_int
 from semhitok.configio import ConfigError
-from semhitok.data import ImageFolderDataset, collate_skip_bad, to_pil
+from semhitok.data import ImageFolderDataset, collate_skip_bad
 from semhitok.metrics import PROTOCOL, evaluate_reconstruction, fid_features_for
 from semhitok.model import SemHiTok
-from semhitok.train import build_datasets, load_run_config
+from semhitok.train import build_datasets, image_grid, load_run_config
 
 NUM_EXAMPLES = 8
 TABLE = ("psnr", "ssim", "rfid", "semantic_cosine", "semantic_usage", "texture_usage", "semantic_perplexity",
@@ -35,7 +36,7 @@ def evenly_spaced(n: int, limit: int | None) -> list[int]:
 
 
 class Examples:
-    """Keeps the first `n` (original, reconstruction) pairs; `image()` -> (3, 2S, n*S), originals on top."""
+    """Keeps the first `n` (original, reconstruction) pairs; `image()`: originals over reconstructions, side by side."""
 
     def __init__(self, n: int = NUM_EXAMPLES):
         self.n, self.originals, self.recons = n, [], []
@@ -45,8 +46,8 @@ class Examples:
         self.originals.extend(images[:room].cpu())
         self.recons.extend(recons[:room].cpu())
 
-    def image(self) -> torch.Tensor:
-        return torch.cat([torch.cat(self.originals, dim=2), torch.cat(self.recons, dim=2)], dim=1)
+    def image(self) -> Image.Image:
+        return image_grid([self.originals, self.recons])
 
 
 def holdout_split(run_dir: Path, size: int) -> Dataset:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                "image_size": model.config.image_size, "protocol": PROTOCOL}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    to_pil(examples.image()).save(args.out / "reconstructions.png")
+    examples.image().save(args.out / "reconstructions.png")
     print(f"{'images':<20} {results['num_images']} ({results['num_skipped']} skipped)")
     for k in TABLE:
         print(f"{k:<20} {'-' if results[k] is None else format(results[k], '.4f')}")

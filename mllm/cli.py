@@ -4,7 +4,6 @@ errors, and writing images."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -15,7 +14,7 @@ from torchvision.utils import make_grid
 from transformers.utils import logging as hf_logging
 
 from mllm.sampling import Inference, InferenceError, SamplingConfig, load_for_inference
-from semhitok import AssetError, ImageLoadError, resolve_device, to_pil
+from semhitok import AssetError, ImageLoadError, fail, resolve_device, to_pil
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "mllm"  # the embedded demo MLLM (not shipped yet)
 USER_ERRORS = (InferenceError, ImageLoadError, AssetError, OSError, ValueError)  # ConfigError, VocabError: ValueError
@@ -64,9 +63,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(prog, " ".join(str(err).split()) or type(err).__name__)
 
 
 def save_images(images: torch.Tensor, out: Path, per_row: int) -> list[Path]:

@@ -5,16 +5,10 @@ python scripts/extract_codes.py --tokenizer runs/tok/model --images data/synthet
 a synthetic dataset's scenes.jsonl). Bad images are skipped and counted. Errors print one line and exit 2.
 """
 
-import argparse
-
 import torch
 
 from mllm.codes import CodeCache, extract_codes
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from semhitok.cli import Parser
 
 
 def main(argv: list[str] | None = None) -> None:

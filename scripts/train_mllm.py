@@ -15,11 +15,7 @@ import sys
 
 from mllm.train import load_run_config, train
 from semhitok import ConfigError
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from semhitok.cli import Parser
 
 
 def main(argv: list[str] | None = None) -> None:

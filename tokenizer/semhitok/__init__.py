@@ -25,6 +25,7 @@ from semhitok.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
+from semhitok.cli import fail
 from semhitok.config import (
     PRESETS,
     LossConfig,
@@ -224,6 +225,7 @@ __all__ = [
     "to_rgb",
     "to_tensor",
     "atomic_folder",
+    "fail",
     "ConfigError",
     "apply_overrides",
     "from_dict",

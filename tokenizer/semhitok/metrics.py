@@ -194,12 +194,13 @@ class FIDAccumulator:
 # ------------------------------------------------------------------------------------------- semantic fidelity
 
 
-def semantic_cosine(model: nn.Module, images: Tensor) -> Tensor:
+def semantic_cosine(model: nn.Module, images: Tensor, grid: TokenGrid | None = None) -> Tensor:
     """images (B, 3, H, W) in [-1, 1] -> (B,) mean over tokens of cos(semantic decoder output, teacher features),
     where the decoder reads the semantic part of the codes `encode` gives: the tokens the MLLM sees. For SemHiTok
-    these are the stage-1 semantic codes; for the flat / shared baselines, the semantic half of their joint codes."""
+    these are the stage-1 semantic codes; for the flat / shared baselines, the semantic half of their joint codes.
+    grid: `model.encode(images)` when the caller already has it."""
     with torch.no_grad():
-        emb_sem, _ = model.code_embeddings(model.encode(images))  # (B, h, w, d_sem)
+        emb_sem, _ = model.code_embeddings(grid if grid is not None else model.encode(images))  # (B, h, w, d_sem)
         recon = model.semantic_decoder(emb_sem.flatten(1, 2))  # (B, L, D_teacher)
         target = model.teacher_features(images)
     return F.cosine_similarity(recon.float(), target.float(), dim=-1).mean(1)
@@ -285,7 +286,7 @@ def evaluate_reconstruction(
             recon = quantize_8bit(model.decode(grid))
             per_image["psnr"].append(psnr(recon, x, max_db).cpu())
             per_image["ssim"].append(ssim(recon, x).cpu())
-            per_image["semantic_cosine"].append(semantic_cosine(model, x).cpu())
+            per_image["semantic_cosine"].append(semantic_cosine(model, x, grid).cpu())
             usage.update(grid)
             if features is not None:
                 real.update(features(x))
