@@ -7,6 +7,7 @@ template) in the asset cache, with a manifest of checksums that `smollm2_path()`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from semhitok import AssetError, PackagedFile, atomic_folder, cache_dir, packaged_file, verify_folder, write_manifest
@@ -53,6 +54,27 @@ def convert_smollm2(out: Path | None = None) -> Path:
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, {"package": f"{SMOLLM2_GGUF.package}=={SMOLLM2_GGUF.version}", "gguf_sha256": SMOLLM2_GGUF.sha256})
     return out
+
+
+ASSET_PREFIX = "asset:"  # a checkpoint path field naming a packaged asset: "asset:smollm2-135m-instruct"
+
+
+def expand_reference(value: str) -> str:
+    """A model path field as written in a config: `asset:<name>` becomes the verified asset folder (shipped
+    checkpoints name the LLM this way: its cache folder differs per machine), `~` is expanded, anything else (a
+    relative path, a hub name) is returned as is."""
+    if not value.startswith(ASSET_PREFIX):
+        return os.path.expanduser(value)
+    assets = {SMOLLM2_DIRNAME: smollm2_path}
+    name = value[len(ASSET_PREFIX):]
+    if name not in assets:
+        raise AssetError(f"unknown asset {value!r}; known: {[ASSET_PREFIX + a for a in assets]}")
+    return str(assets[name]())
+
+
+def resolve_reference(value: str, base: str | Path) -> str:
+    """A path field of a saved checkpoint folder `base`: `expand_reference`, then relative paths are taken from base."""
+    return str((Path(base) / expand_reference(value)).resolve())
 
 
 def ensure_smollm2() -> Path:

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mllm.assets import resolve_reference
 from mllm.conversation import IGNORE_INDEX
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab, VocabError
@@ -405,7 +406,7 @@ class SemHiTokLM(nn.Module):
         folder = Path(directory)
         if not folder.is_dir():
             raise FileNotFoundError(f"SemHiTokLM checkpoint folder not found: {folder}")
-        config = _paths(read_config(folder / CONFIG_NAME), lambda p: str((folder / p).resolve()))
+        config = _paths(read_config(folder / CONFIG_NAME), lambda p: resolve_reference(p, folder))
         config = replace(config, semhitok=str(semhitok)) if semhitok is not None else config
         lora_file = [f"{LORA_DIR}/{LORA_WEIGHTS}"] if config.train_llm == "lora" else []
         for name in (VOCAB_NAME, PARTS_NAME, *lora_file):  # fail before loading anything large

@@ -60,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from mllm.assets import expand_reference, resolve_reference
 from mllm.conversation import IGNORE_INDEX
 from mllm.data.mixture import DataConfig, build_dataset, collate_lm
 from mllm.model import CONFIG_NAME, PARTS_NAME, VOCAB_NAME, LoraSettings, MLLMConfig, SemHiTokLM, read_config
@@ -198,11 +199,11 @@ def is_hub_name(name: str) -> bool:
 
 
 def resolve_model_paths(run: MLLMRunConfig, launch: Launch) -> MLLMRunConfig:
-    """`~` in the model paths is expanded. `model.llm` / `model.text_tokenizer` may name a hub repo
+    """`~` and `asset:<name>` in the model paths are expanded (`mllm.assets.expand_reference`). `model.llm` / `model.text_tokenizer` may name a hub repo
     ("lmsys/vicuna-7b-v1.5"): it is downloaded once into the Hugging Face cache (rank 0 first, the others then read
     the cache) and the run uses that local folder."""
     keys = ("llm", "text_tokenizer", "semhitok")
-    run = replace(run, model=replace(run.model, **{k: os.path.expanduser(getattr(run.model, k)) for k in keys}))
+    run = replace(run, model=replace(run.model, **{k: expand_reference(getattr(run.model, k)) for k in keys}))
     names = {k: getattr(run.model, k) for k in ("llm", "text_tokenizer") if is_hub_name(getattr(run.model, k))}
     if not names:
         return run
@@ -348,7 +349,7 @@ def load_init(model: SemHiTokLM, folder: Path) -> None:
     if saved.train_llm == "lora":
         raise ConfigError(f"train.init_from {folder} holds LoRA weights: start from its stage's export/ folder and set "
                           "model.llm to it too")  # fmt: skip
-    llm = (folder / saved.llm).resolve()
+    llm = Path(resolve_reference(saved.llm, folder))
     if llm != Path(model.config.llm).resolve():
         raise ConfigError(f"train.init_from {folder} was trained on the LLM {llm}, but model.llm is "
                           f"{model.config.llm}: set model.llm={llm}")  # fmt: skip

@@ -598,10 +598,15 @@ def test_inception_teacher(inception_file):
         teacher.student_init_state()
     deep = replace(cfg, layer="mixed_10", dim=2048)
     assert build_teacher(deep, grid=16).features(images).shape == (2, 256, 2048)  # 8x8 upsampled by area
+    small = build_teacher(replace(cfg, image_size=155), grid=8)  # the demo's input side: mixed_7 is exactly 8x8
+    assert small.feature_map(images).shape == (2, 768, 8, 8)
+    with pytest.raises(ValueError, match="image_size >= 75"):
+        build_teacher(replace(cfg, image_size=64), grid=8)
 
 
 def test_inception_perceptual_loss_is_differentiable(inception_file):
-    teacher = build_teacher(TeacherConfig(kind="inception", layer="mixed_7", dim=768, path=inception_file), grid=1)
+    cfg = TeacherConfig(kind="inception", layer="mixed_7", dim=768, image_size=299, path=inception_file)
+    teacher = build_teacher(cfg, grid=1)
     loss_fn = build_perceptual_loss(replace(TINY.loss, perceptual="inception", perceptual_layers=("mixed_2", "mixed_7")),
                                     inception=teacher)
     assert isinstance(loss_fn, InceptionPerceptualLoss) and build_perceptual_loss(TINY.loss) is None

