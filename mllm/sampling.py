@@ -3,6 +3,7 @@
     generate_images(model, prompts, cfg)   prompts -> TokenGrid; `semhitok.decode(grid)` gives the pixels
     sample_image_ids(model, rows, ...)     the same from prompt ids (what generate_images calls)
     generate_text(model, prompt_ids, cfg)  greedy or sampled continuation, stopping at eos / end-of-turn
+    generate_texts(model, prompts, cfg)    the same for a left-padded batch of prompts (generate_text = one row)
     ChatSession                            a conversation about one image, history kept
     load_for_inference(folder)             model + text tokenizer + SemHiTok, with one-line errors
 
@@ -147,6 +148,12 @@ class DecodingRows:
         """Append one id per row (R,) -> its hidden state (R, D)."""
         return self._forward(ids[:, None], torch.ones_like(ids[:, None]))
 
+    def keep(self, rows: Tensor) -> None:
+        """Keep only `rows` (R',) int64 of the batch (ids, mask, cache), e.g. the ones still decoding."""
+        self.ids, self.mask = self.ids[rows], self.mask[rows]
+        if self.cache is not None:
+            self.cache.batch_select_indices(rows)
+
     def _forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         self.ids, self.mask = torch.cat([self.ids, ids], 1), torch.cat([self.mask, mask], 1)  # (R, T)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (R, T): 0 at each row's first real token
@@ -270,25 +277,48 @@ def generate_text(model: SemHiTokLM, prompt_ids: Tensor, cfg: SamplingConfig, st
     """Continue one prompt (L,) int64 (text and inline image ids) -> new text ids (n,) int64, n <= max_new_tokens and
     the context, without the stop id that ended it. Only text ids can be drawn, never `<boi>`, `<eoi>`, `<image>`;
     `allowed` (offset,) bool restricts them further (e.g. to ids the tokenizer knows). Uses cfg.seed (one row)."""
+    return generate_texts(model, [prompt_ids], cfg, stop_ids, allowed)[0]
+
+
+def generate_texts(model: SemHiTokLM, prompts: Sequence[Tensor], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
+                   allowed: Tensor | None = None, done: Callable[[int, list[int]], bool] | None = None) -> list[Tensor]:  # fmt: skip
+    """Continue P prompts (rows (L_p,) int64) as one left-padded batch -> new text ids per prompt, as generate_text.
+    Row p draws with its own generator seeded cfg.seed + p and leaves the batch (KV cache rows dropped) when it draws
+    a stop id, reaches its budget (max_new_tokens or the context) or `done(p, ids_so_far)` is true (e.g. a stop
+    string was written; the ids that completed it are kept)."""
     limit = context_length(model)
-    check_length(model, len(prompt_ids), 1, "the prompt")
-    budget = min(cfg.max_new_tokens, limit - len(prompt_ids)) if limit else cfg.max_new_tokens
+    for p, ids in enumerate(prompts):
+        check_length(model, len(ids), 1, "the prompt" if len(prompts) == 1 else f"prompt {p}")
+    budgets = [min(cfg.max_new_tokens, limit - len(ids)) if limit else cfg.max_new_tokens for ids in prompts]
     device = model.code_sem.device
     banned = torch.zeros(model.vocab.offset, dtype=torch.bool, device=device)
     banned[list(model.vocab.special_ids)] = True
     if allowed is not None:
         banned |= ~allowed.to(device)
-    generators, stop, new = make_generators(cfg.seed, 1, device), set(stop_ids), []
+    generators, stop = make_generators(cfg.seed, len(prompts), device), set(stop_ids)
+    new: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))  # the prompt of each batch row
     rows = DecodingRows(model, cfg.use_cache)
     with eval_mode(model):
-        hidden = rows.start(prompt_ids[None].to(device), torch.ones_like(prompt_ids[None]).to(device))
-        for _ in range(budget):
-            token = draw(model.text_logits(hidden).float().masked_fill(banned, float("-inf")), cfg, generators)
-            if int(token) in stop:
+        hidden = rows.start(*(t.to(device) for t in left_pad([p.cpu() for p in prompts], model.vocab.boi_id)))
+        while True:
+            logits = model.text_logits(hidden).float().masked_fill(banned, float("-inf"))  # (R, offset)
+            tokens = draw(logits, cfg, [generators[p] for p in live])  # (R,)
+            going = []
+            for k, (p, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
+                if token in stop:
+                    continue
+                new[p].append(token)
+                if len(new[p]) < budgets[p] and not (done is not None and done(p, new[p])):
+                    going.append(k)
+            if not going:
                 break
-            new.append(int(token))
-            hidden = rows.step(token) if len(new) < budget else hidden
-    return torch.tensor(new, dtype=torch.long)
+            if len(going) < len(live):
+                keep = torch.tensor(going, device=device)
+                rows.keep(keep)
+                tokens, live = tokens[keep], [live[k] for k in going]
+            hidden = rows.step(tokens)
+    return [torch.tensor(ids, dtype=torch.long) for ids in new]
 
 
 @dataclass

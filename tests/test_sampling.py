@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONTEXT, build_tiny_mllm, save_tiny_world
 from PIL import Image
-from test_mllm_model import FAMILIES, GRID, random_grid, word_tokenizer
+from test_mllm_model import FAMILIES, GRID, random_grid
 
 import mllm.cli
 from mllm.data.mixture import generation_prompt_ids
-from mllm.model import MLLMConfig, SemHiTokLM
 from mllm.sampling import (
     ChatSession,
     DecodingRows,
@@ -29,11 +29,9 @@ from mllm.sampling import (
     left_pad,
     sample_image_ids,
 )
-from mllm.text_tokenizer import load_text_tokenizer
-from semhitok import PRESETS, SemHiTok
+from semhitok import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
-CONTEXT = 96  # max_position_embeddings of the tiny LLMs: a vicuna_v1 prompt is ~35 tokens, an image 16 + 2
 PROMPTS = ["draw a red cat", "a big blue dog on the mat with a ball under the sky", "two fish"]
 NUM = GRID * GRID
 
@@ -41,30 +39,15 @@ NUM = GRID * GRID
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Folders: a tiny LLM + tokenizer per family, the tiny SemHiTok, a saved MLLM checkpoint, an image, a non-image."""
-    root, tokenizer = tmp_path_factory.mktemp("sampling"), word_tokenizer()
-    torch.manual_seed(0)
-    for family, (model_cls, config_cls, extra) in FAMILIES.items():
-        config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, **extra)  # fmt: skip
-        model_cls(config).save_pretrained(root / family)
-        tokenizer.save_pretrained(root / family)
-    SemHiTok(PRESETS["semhitok-tiny"]).save_pretrained(root / "semhitok")
-    build(root).save_pretrained(root / "mllm")
+    root = save_tiny_world(tmp_path_factory.mktemp("sampling"))
     Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "red.png")
     (root / "broken.png").write_bytes(b"not an image")
     return root
 
 
-def build(root: Path, family: str = "llama", head: str = "flat") -> SemHiTokLM:
-    torch.manual_seed(0)
-    config = MLLMConfig(llm=str(root / family), semhitok=str(root / "semhitok"), adapter_width_sem=16,
-                        adapter_width_pix=8, head=head)  # fmt: skip
-    return SemHiTokLM.from_config(config, load_text_tokenizer(root / family)).eval()
-
-
 @pytest.fixture(scope="module")
 def models(world):
-    return {(f, h): build(world, f, h) for f in FAMILIES for h in ("flat", "factorized")}
+    return {(f, h): build_tiny_mllm(world, f, h) for f in FAMILIES for h in ("flat", "factorized")}
 
 
 def images(model, prompts=PROMPTS, **fields) -> torch.Tensor:

@@ -277,7 +277,10 @@ def test_bad_inputs_give_clear_errors(stages, images, tmp_path):
         (["train.stage=2b", f"train.init_from={stages['2b'] / 'model'}"], "already has an enhance decoder"),
         (["train.data.batch_size=64"], "training images for batch_size 64"),
         (["model.teacher.kind=inception", "model.teacher.layer=mixed_7", "model.teacher.dim=768",
-          f"model.teacher.path={tmp_path / 'none.pt'}"], "model.teacher: Inception-v3 TorchScript not found"),
+          "model.teacher.image_size=299", f"model.teacher.path={tmp_path / 'none.pt'}"],
+         "model.teacher: Inception-v3 TorchScript not found"),
+        (["model.teacher.kind=inception", "model.teacher.layer=mixed_7", "model.teacher.dim=768"],
+         r"model.teacher: Inception-v3 needs teacher.image_size >= 75 \(it was trained at 299\), got 32"),
     ]
     for i, (overrides, message) in enumerate(cases):
         with pytest.raises(ConfigError, match=message):
@@ -294,7 +297,7 @@ def test_resume_with_a_different_config_is_refused(stages, images):
 
 
 def test_every_shipped_config_loads():
-    for path in sorted((REPO / "configs" / "tokenizer").glob("*.yaml")):
+    for path in sorted([*(REPO / "configs" / "tokenizer").glob("*.yaml"), *(REPO / "configs" / "demo").glob("tok*.yaml")]):
         run = load_run_config(path)
         assert run.train.stage in ("1", "2", "2b") and (run.train.stage == "1") != bool(run.train.init_from), path
 

@@ -146,21 +146,21 @@ def _ranked(rng: np.random.Generator, candidates: Sequence[str], score: Counter)
     return sorted(shuffled, key=lambda c: -score[c])
 
 
-def pope_questions(
-    scenes: Sequence[Scene], images: Sequence[str], strategy: str, rng: np.random.Generator, per_image: int = 3
-) -> list[dict]:
-    """POPE's recipe over a dataset. Per image: up to `per_image` present categories (label "yes") and as many
-    absent ones (label "no"), alternating. Negatives: `random` uniformly among absent categories; `popular` the
-    absent categories present in the most images of the dataset; `adversarial` the absent categories that co-occur
-    most often with this image's categories. Records: {question_id, image, text, label} like POPE's files."""
+def pope_pairs(
+    present: Sequence[Sequence[str]], categories: Sequence[str], strategy: str, rng: np.random.Generator, per_image: int = 3
+) -> list[list[tuple[str, str]]]:
+    """POPE's recipe over any labelled image set (`present[i]`: the categories annotated in image i, from the universe
+    `categories`). Per image: up to `per_image` (present, absent) category pairs. Negatives: `random` uniformly among
+    absent categories; `popular` the absent categories present in the most images of the dataset; `adversarial` the
+    absent categories that co-occur most often with this image's categories."""
     if strategy not in POPE_STRATEGIES:
         raise ValueError(f"strategy must be one of {POPE_STRATEGIES}, got {strategy!r}")
-    present = [sorted({o.category for o in s.objects}) for s in scenes]
+    present = [sorted(set(cats)) for cats in present]
     frequency = Counter(c for cats in present for c in cats)
     cooccur = Counter((a, b) for cats in present for a in cats for b in cats if a != b)
-    records: list[dict] = []
-    for cats, image in zip(present, images, strict=True):
-        absent = [c for c in CATEGORIES if c not in cats]
+    pairs = []
+    for cats in present:
+        absent = [c for c in categories if c not in cats]
         positives = _pick(rng, cats, min(per_image, len(cats)))
         if strategy == "random":
             negatives = _pick(rng, absent, len(positives))
@@ -169,7 +169,19 @@ def pope_questions(
         else:
             score = Counter({c: sum(cooccur[(p, c)] for p in cats) for c in absent})
             negatives = _ranked(rng, absent, score)[: len(positives)]
-        for pos, neg in zip(positives, negatives, strict=True):
+        pairs.append(list(zip(positives, negatives, strict=True)))
+    return pairs
+
+
+def pope_questions(
+    scenes: Sequence[Scene], images: Sequence[str], strategy: str, rng: np.random.Generator, per_image: int = 3
+) -> list[dict]:
+    """`pope_pairs` over synthetic scenes (categories: the 60 coloured shapes), as records alternating yes / no:
+    {question_id, image, text, label} like POPE's files."""
+    present = [[o.category for o in s.objects] for s in scenes]
+    records: list[dict] = []
+    for pairs, image in zip(pope_pairs(present, CATEGORIES, strategy, rng, per_image), images, strict=True):
+        for pos, neg in pairs:
             for cat, label in ((pos, "yes"), (neg, "no")):
                 text = f"Is there {_a(cat)} in the image?"
                 records.append({"question_id": len(records) + 1, "image": image, "text": text, "label": label})
