@@ -175,9 +175,9 @@ def test_stage_defaults_overrides_and_config_errors(world, tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    """Every configs/mllm/*.yaml loads strictly; the DeepSpeed JSONs hold only ZeRO policy."""
+    """Every configs/mllm/*.yaml (and the demo's) loads strictly; the DeepSpeed JSONs hold only ZeRO policy."""
     stages = {}
-    for path in sorted((REPO / "configs" / "mllm").glob("*.yaml")):
+    for path in sorted([*(REPO / "configs" / "mllm").glob("*.yaml"), REPO / "configs" / "demo" / "mllm.yaml"]):
         run = load_run_config(path)
         stages[path.stem] = run.train.stage
         for stage, policy in ZERO.items():

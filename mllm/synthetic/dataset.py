@@ -1,7 +1,8 @@
 """Write a synthetic-domain dataset folder: images plus every annotation file the framework reads.
 
 Layout (image paths inside every file are relative to the folder):
-  images/<id>.png, scenes.jsonl (scene, captions, the GenEval entry it was built for or null),
+  images/<id>.png, scenes.jsonl (scene, captions, the GenEval entry it was built for or null; that entry's prompt is also the
+  scene's last caption, so text-to-image training sees GenEval's own phrasing),
   geneval_metadata.jsonl, pope_{random,popular,adversarial}.jsonl, mme.jsonl, llava.json.
 Even ids are free random scenes; odd ids are built from GenEval-style entries (the six tags in turn).
 """
@@ -51,7 +52,10 @@ def write_dataset(out: Path, num: int, size: int = 256, seed: int = 0) -> Path:
     rows = zip(ids, images, scenes, built, strict=True)
     write_jsonl(
         out / "scenes.jsonl",
-        [{"id": i, "image": im, "scene": s.to_dict(), "captions": captions(s), "geneval": e} for i, im, s, e in rows],
+        [
+            {"id": i, "image": im, "scene": s.to_dict(), "captions": captions(s) + ([e["prompt"]] if e else []), "geneval": e}
+            for i, im, s, e in rows
+        ],
     )
     write_jsonl(out / "geneval_metadata.jsonl", entries)
     for strategy in POPE_STRATEGIES:

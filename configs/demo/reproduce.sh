@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Reproduce the shipped demo checkpoints (mllm/demo/) from scratch with the project's own scripts, then evaluate them.
+#   bash configs/demo/reproduce.sh          (after `make install assets`; times on 2 CPU cores are in docs/demo.md)
+# Every step resumes or skips finished work when re-run (renders are deterministic; training resumes from its last
+# complete checkpoint; the code cache resumes by shard).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+
+[ -f runs/demo/data/train/llava.json ] || $PY scripts/render_synthetic.py --out runs/demo/data/train --num 10000 --size 64 --seed 0
+$PY scripts/train_tokenizer.py --config configs/demo/tokenizer-stage1.yaml
+$PY scripts/train_tokenizer.py --config configs/demo/tokenizer-stage2.yaml
+$PY scripts/extract_codes.py --tokenizer runs/demo/tokenizer-stage2/model --images runs/demo/data/train/scenes.jsonl \
+    --out runs/demo/codes --size 64 --workers 1
+$PY scripts/train_mllm.py --config configs/demo/mllm.yaml
+$PY scripts/package_demo.py --tokenizer runs/demo/tokenizer-stage2/model --mllm runs/demo/mllm/model --out mllm/demo
+$PY scripts/demo.py --checkpoint mllm/demo/mllm --out outputs/demo-reproduced --geneval-prompts 120 --heldout 100
