@@ -75,7 +75,8 @@ def evaluate(args) -> None:
     logger.remove()  # lmms-eval logs to stdout; stdout is for the score table here
     logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} | {level} | {name} - {message}")
     includes = args.include_path or ([str(DEFAULT_TASKS)] if DEFAULT_TASKS.is_dir() else None)
-    manager = TaskManager("WARNING", include_path=[str(p) for p in includes] if includes else None)
+    paths = [str(p) for p in includes] if includes else None
+    manager = TaskManager("WARNING", include_path=paths, model_name="semhitok")  # selects tasks' `semhitok` prompts
     tasks = resolve_tasks(manager, args.tasks)
     model_args = f"pretrained={checkpoint_dir(args.model_path)},device={args.device},template={args.template},seed={args.seed}"
     tracker, stamp = EvaluationTracker(output_path=str(args.output)), get_datetime_str()

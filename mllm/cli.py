@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from mllm.sampling import Inference, InferenceError, SamplingConfig, load_for_inference
 from semhitok import AssetError, ImageLoadError, fail, resolve_device, to_pil
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "mllm"  # the embedded demo MLLM (not shipped yet)
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "mllm"  # the shipped demo MLLM (docs/demo.md)
 USER_ERRORS = (InferenceError, ImageLoadError, AssetError, OSError, ValueError)  # ConfigError, VocabError: ValueError
 
 
@@ -44,7 +44,8 @@ def checkpoint_dir(path: Path | None) -> Path:
     if path is not None:
         return path
     if not DEFAULT_CHECKPOINT.is_dir():
-        raise InferenceError(f"no demo checkpoint is shipped yet (nothing at {DEFAULT_CHECKPOINT}): pass --checkpoint "
+        raise InferenceError(f"the shipped demo checkpoint is missing (nothing at {DEFAULT_CHECKPOINT}; restore it with git "
+                             "or rebuild it with `bash configs/demo/reproduce.sh`): or pass --checkpoint "
                              "DIR, a folder written by SemHiTokLM.save_pretrained (e.g. <train.out_dir>/model)")  # fmt: skip
     return DEFAULT_CHECKPOINT
 

@@ -80,6 +80,12 @@ def _read_jsonl(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- task folders
 
 
+# lmms-eval's per-model prompt entry (like the built-in YAMLs' `gpt4v`, `qwen_vl`, `plm` entries) for our `semhitok`
+# model on the local tasks: the synthetic-domain conversations teach yes/no questions as "... Answer yes or no.", not
+# LLaVA-1.5's "\nAnswer the question using a single word or phrase." (the built-in tasks' default suffix).
+SEMHITOK_PROMPT = {"pre_prompt": "", "post_prompt": " Answer yes or no."}
+
+
 def write_task(folder: Path, name: str, kind: str, docs: Sequence[dict], source: str) -> Path:
     """Write docs (image = a file path) as `folder/<name>.parquet` (image bytes embedded) and the task YAML
     `folder/<name>.yaml`: lmms-eval's built-in `kind` ("pope" or "mme") task on this data. Returns the YAML path."""
@@ -96,6 +102,8 @@ def write_task(folder: Path, name: str, kind: str, docs: Sequence[dict], source:
     local = {"task": name, "dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": f"{name}.parquet"}},
              "test_split": "test"}  # fmt: skip
     config = {**local, **{k: v for k, v in builtin_config(kind).items() if k not in (*local, "dataset_name")}}
+    kwargs = config.setdefault("lmms_eval_specific_kwargs", {})
+    kwargs["semhitok"] = {**kwargs.get("default", {}), **SEMHITOK_PROMPT}
     return _write_yaml(folder / f"{name}.yaml", config, f"lmms-eval's {kind} task on {len(docs)} local documents: {source}")
 
 

@@ -1,107 +1,171 @@
-"""`make demo`: the most complete end-to-end path that exists today, on its embedded default.
+"""`make demo`: the shipped demo MLLM (SmolLM2-135M-Instruct + SemHiTok, trained on the synthetic domain) end to end.
 
-Until the demo checkpoints exist (issue #7: a trained SemHiTok + SmolLM2 MLLM), this runs what needs no trained
-checkpoint:
-  1. renders a held-out synthetic set (images, captions, GenEval/POPE/MME/LLaVA files),
-  2. scores the clean renders with the exact detector (the scorer later used on generated images),
-  3. reads real images from ../shared/data (if present) through the project's one image loader,
-  4. asks the real SmolLM2-135M-Instruct a question about a scene from its caption (text only: the
-     model cannot see images until the MLLM is trained),
-and says plainly what it did and what it did not do.
+  1. loads the checkpoint (default: the shipped mllm/demo/mllm, its tokenizer in mllm/demo/tokenizer),
+  2. generates images for a few prompts,
+  3. answers a few questions about held-out images (the true answers printed beside them),
+  4. runs the synthetic GenEval (held-out prompts, scored by the exact detector, every tag and overall),
+  5. runs POPE (random / popular / adversarial) and MME on held-out synthetic scenes through lmms-eval's own task
+     code (eval/run_lmms.py's model and local tasks),
+  6. measures the tokenizer's reconstruction PSNR on the held-out images,
+and writes everything under --out (report.json has every number and setting). Under 10 minutes on 2 CPU cores.
 
-    python scripts/demo.py [--out outputs/demo] [--num 24] [--size 128] [--seed 1234] [--no-llm]
+    python scripts/demo.py [--checkpoint mllm/demo/mllm] [--out outputs/demo] [--geneval-prompts 60]
+                           [--heldout 40] [--seed 1234] [--device cpu]
 """
 
-import argparse
+from __future__ import annotations
+
 import json
+import subprocess
+import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+import torch
 
+from mllm.cli import checkpoint_dir, load, one_line_errors, save_images
+from mllm.geneval import format_summary, generate, score_folder, synthetic_metadata, write_metadata
+from mllm.sampling import ChatSession, Inference, SamplingConfig, generate_images
 from mllm.synthetic import Scene, detect, detection_accuracy, score_geneval
 from mllm.synthetic.dataset import write_dataset
-from semhitok import SkipCounter, collate_skip_bad
+from mllm.synthetic.questions import qa_pool
+from semhitok.cli import Parser, positive_int
+from semhitok.data import load_image, to_pil, to_tensor
+from semhitok.metrics import psnr
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_REAL = REPO.parent / "shared" / "data" / "real"
+PROMPTS = (
+    "a photo of a red circle",
+    "a photo of two blue squares",
+    "a photo of a yellow star left of a green triangle",
+    "a photo of a purple diamond above an orange cross",
+)
+GENERATION = SamplingConfig(temperature=1.0, top_k=0, cfg_scale=3.0)  # the demo's image sampling settings
 
 
-def synthetic_step(out: Path, num: int, size: int, seed: int) -> dict:
-    folder = write_dataset(out / "synthetic", num, size, seed)
-    rows = [json.loads(line) for line in (folder / "scenes.jsonl").read_text().splitlines()]
-    images = [Image.open(folder / r["image"]).convert("RGB") for r in rows]
-    scenes = [Scene.from_dict(r["scene"]) for r in rows]
-    accuracy = detection_accuracy(scenes, [detect(im) for im in images])
-    judged = [score_geneval(r["geneval"], im)[0] for r, im in zip(rows, images, strict=True) if r["geneval"]]
-    return {"folder": str(folder), "rows": rows, "detector": accuracy, "geneval_on_renders": sum(judged) / len(judged)}
+def banner(step: int, text: str) -> None:
+    print(f"[{step}] {text}", flush=True)
 
 
-def real_images_step(per_folder: int = 16) -> dict | None:
-    """Load a few real images per shared folder through ImageFolderDataset + the skip-and-count collate."""
-    if not SHARED_REAL.is_dir():
-        return None
-    from semhitok import ImageFolderDataset
-
-    counts = {}
-    for name in ("imagenet-sample-256", "caltech101-256"):
-        dataset = ImageFolderDataset(SHARED_REAL / name, size=128)
-        counter = SkipCounter()
-        counter.update(collate_skip_bad([dataset[i] for i in range(min(per_folder, len(dataset)))]))
-        counts[name] = {"images": len(dataset), "classes": len(dataset.classes), "loaded": counter.num_ok}
-    return counts
+def describe_checkpoint(run: Inference) -> str:
+    tok = run.semhitok.config
+    return (f"{run.model.config.train_llm} LLM {Path(run.model.config.llm).name}, SemHiTok {tok.image_size}px "
+            f"{tok.grid}x{tok.grid} tokens, K={tok.K} semantic x m={tok.m} texture codes")  # fmt: skip
 
 
-def llm_step(caption: str) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def generate_step(run: Inference, out: Path, seed: int) -> list[str]:
+    images = generate_images(run.model, list(PROMPTS), replace(GENERATION, seed=seed), tokenizer=run.tokenizer)
+    paths = save_images(run.decode(images), out / "generate" / "grid.png", per_row=len(PROMPTS))
+    return [str(p) for p in paths]
 
-    from mllm.assets import smollm2_path
 
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    question = f'A picture shows "{caption}". What colours are the shapes in the picture?'
-    messages = [{"role": "user", "content": question}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+def questions_step(run: Inference, folder: Path, rows: list[dict], n: int, seed: int) -> list[dict]:
+    """A few of the synthetic question pool's questions per held-out image, answered greedily by the model."""
+    rng = np.random.default_rng(seed)
+    answered = []
+    for row in rows[:n]:
+        scene = Scene.from_dict(row["scene"])
+        session = ChatSession(run.model, run.tokenizer, run.encode_image(folder / row["image"]))
+        for question, truth in [qa for qa in qa_pool(scene, rng) if not qa[0].startswith("Describe")][:2]:
+            answered.append({"image": str(folder / row["image"]), "question": question, "answer": session.ask(question),
+                             "truth": truth})  # fmt: skip
+    return answered
+
+
+def geneval_step(run: Inference, out: Path, n_prompts: int, seed: int, batch_size: int) -> dict:
+    entries = synthetic_metadata(n_prompts, seed)
+    write_metadata(out / "geneval" / "metadata.jsonl", entries)
+    generate(run, entries, out / "geneval", 1, GENERATION, batch=batch_size)
+    scored = score_folder(out / "geneval")
+    (out / "geneval" / "results.json").write_text(json.dumps(scored, indent=1) + "\n")
+    return scored["summary"]
+
+
+def lmms_step(checkpoint: Path, heldout: Path, out: Path, batch_size: int) -> dict:
+    """POPE (3 splits) and MME on the held-out scenes, as a user runs them: eval/build_lmms_tasks.py then
+    eval/run_lmms.py (lmms-eval's own pope / mme task code). Returns lmms-eval's results JSON."""
+    tasks, results = out / "lmms_tasks", out / "lmms_eval"
+    build = [sys.executable, str(REPO / "eval" / "build_lmms_tasks.py"), "synthetic", "--data", str(heldout),
+             "--out", str(tasks), "--name", "demo"]  # fmt: skip
+    run = [sys.executable, str(REPO / "eval" / "run_lmms.py"), "--tasks", "demo_pope,demo_mme", "--model-path",
+           str(checkpoint), "--include-path", str(tasks), "--output", str(results), "--batch-size", str(batch_size),
+           "--device", "cpu"]  # fmt: skip
+    for cmd in (build, run):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd[1:3])} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    print("    " + proc.stdout.strip().replace("\n", "\n    "))
+    newest = max(results.rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(newest.read_text())["results"]
+
+
+def reconstruction_step(run: Inference, folder: Path, rows: list[dict]) -> dict:
+    """The tokenizer alone on the held-out renders: PSNR, and what the exact detector still reads after encode ->
+    decode (per attribute, and the GenEval judge on the scenes built for GenEval entries): the ceiling that decoding
+    puts on the GenEval score of generated images."""
+    size = run.semhitok.config.image_size
+    images = torch.stack([to_tensor(load_image(folder / r["image"], size)) for r in rows])
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=40, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    return {"model": str(path), "question": question, "answer": answer}
+        recon = run.semhitok.decode(run.semhitok.encode(images)).clamp(-1, 1)
+    pil = [to_pil(x) for x in recon]
+    scenes = [Scene.from_dict(r["scene"]) for r in rows]
+    judged = [score_geneval(r["geneval"], im)[0] for r, im in zip(rows, pil, strict=True) if r["geneval"]]
+    return {"psnr": float(psnr(images, recon).mean()), "detector": detection_accuracy(scenes, [detect(im) for im in pil]),
+            "geneval_judge": float(np.mean(judged)) if judged else None}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--num", type=int, default=24, help="held-out synthetic scenes to render")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--no-llm", action="store_true", help="skip the SmolLM2 step")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, default=None, help="MLLM checkpoint (default: the shipped demo one)")
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    p.add_argument("--geneval-prompts", type=positive_int, default=60, help="held-out GenEval-style prompts")
+    p.add_argument("--heldout", type=positive_int, default=40, help="held-out scenes for POPE, MME and PSNR")
+    p.add_argument("--questions", type=positive_int, default=3, help="images to ask questions about")
+    p.add_argument("--seed", type=int, default=1234, help="held-out seed (training used 0)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="questions / prompts decoded together")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
     start = time.perf_counter()
+    with one_line_errors(p.prog):
+        run = load(args)
+        banner(1, f"loaded {checkpoint_dir(args.checkpoint)}: {describe_checkpoint(run)} "
+                  f"({time.perf_counter() - start:.0f}s)")  # fmt: skip
+        report: dict = {"checkpoint": str(checkpoint_dir(args.checkpoint)), "sampling": asdict(GENERATION)}
+        size = run.semhitok.config.image_size
+        heldout = write_dataset(args.out / "heldout", args.heldout, size, args.seed)
+        rows = [json.loads(line) for line in (heldout / "scenes.jsonl").read_text().splitlines()]
 
-    synth = synthetic_step(args.out, args.num, args.size, args.seed)
-    print(f"[1] rendered {args.num} synthetic scenes at {args.size}px -> {synth['folder']}")
-    acc = ", ".join(f"{k} {v:.3f}" for k, v in synth["detector"].items())
-    print(f"[2] exact detector on the clean renders: {acc}; GenEval-style judge on its own prompts: "
-          f"{synth['geneval_on_renders']:.3f}")
-    real = real_images_step()
-    if real is None:
-        print(f"[3] skipped: no real data at {SHARED_REAL}")
-    else:
-        for name, c in real.items():
-            classes = f"{c['classes']} classes" if c["classes"] else "one unlabelled folder"
-            print(f"[3] {name}: {c['images']} images in {classes}; loaded {c['loaded']} through load_image")
-    report = {"synthetic": {k: v for k, v in synth.items() if k != "rows"}, "real": real}
-    if not args.no_llm:
-        llm = llm_step(synth["rows"][0]["captions"][0])
-        print(f"[4] SmolLM2-135M-Instruct (real weights, text only)\n    Q: {llm['question']}\n    A: {llm['answer']}")
-        report["llm"] = llm
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\ndone in {time.perf_counter() - start:.0f}s; outputs in {args.out}/ (report.json, synthetic/)")
-    print("Not done yet: tokenizer and MLLM training, sampling, generate.py and chat.py exist (see README), but no "
-          "trained demo checkpoints are shipped yet (issue #7), so this demo tokenized, generated and answered nothing "
-          "with a multimodal model.")
+        report["generated"] = generate_step(run, args.out, args.seed)
+        banner(2, f"generated {len(PROMPTS)} images -> {args.out / 'generate'}")
+        for prompt in PROMPTS:
+            print(f"    {prompt}")
+
+        report["questions"] = questions_step(run, heldout, rows, args.questions, args.seed)
+        banner(3, "questions about held-out images (model answer | truth)")
+        for qa in report["questions"]:
+            print(f"    {Path(qa['image']).name}: {qa['question']} -> {qa['answer']} | {qa['truth']}")
+
+        t = time.perf_counter()
+        report["geneval"] = geneval_step(run, args.out, args.geneval_prompts, args.seed, args.batch_size)
+        banner(4, f"synthetic GenEval, {args.geneval_prompts} held-out prompts x 1 image, exact detector "
+                  f"({time.perf_counter() - t:.0f}s) -> {args.out / 'geneval'}")  # fmt: skip
+        print("    " + format_summary(report["geneval"]).replace("\n", "\n    "))
+
+        t = time.perf_counter()
+        banner(5, f"POPE and MME on {len(rows)} held-out scenes through lmms-eval (eval/run_lmms.py) ...")
+        report["lmms_eval"] = lmms_step(checkpoint_dir(args.checkpoint), heldout, args.out, args.batch_size)
+        print(f"    ({time.perf_counter() - t:.0f}s) -> {args.out / 'lmms_eval'}")
+
+        report["tokenizer"] = recon = reconstruction_step(run, heldout, rows)
+        detected = ", ".join(f"{k} {v:.2f}" for k, v in recon["detector"].items())
+        judge = "n/a" if recon["geneval_judge"] is None else f"{recon['geneval_judge']:.2f}"
+        banner(6, f"tokenizer encode -> decode on {len(rows)} held-out images: PSNR {recon['psnr']:.2f} dB; exact "
+                  f"detector on the reconstructions: {detected}; GenEval judge on them: {judge}")  # fmt: skip
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\ndone in {time.perf_counter() - start:.0f}s; outputs in {args.out}/ (report.json, generate/, geneval/, "
+          "heldout/)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -293,7 +293,7 @@ def test_bad_input_is_one_line_and_exit_2(world, capsys, name, args, message):
 def test_bad_checkpoints_are_one_line_and_exit_2(world, capsys, monkeypatch, tmp_path, name):
     question = ["--prompt", "a cat"] if name == "generate" else ["--image", str(world / "red.png"), "--question", "a"]
     monkeypatch.setattr(mllm.cli, "DEFAULT_CHECKPOINT", tmp_path / "demo")
-    cases = {None: "no demo checkpoint is shipped yet", world / "nowhere": "checkpoint folder not found",
+    cases = {None: "the shipped demo checkpoint is missing", world / "nowhere": "checkpoint folder not found",
              world / "semhitok": "is a SemHiTok tokenizer checkpoint, not an MLLM checkpoint",
              world: "not an MLLM checkpoint (no mllm_config.json)"}  # fmt: skip
     for folder, message in cases.items():
