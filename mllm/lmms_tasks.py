@@ -15,7 +15,6 @@ Sources: `coco_pope_records` (POPE's recipe on COCO object annotations) and `syn
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import yaml
 
 from mllm.synthetic.questions import POPE_STRATEGIES, pope_pairs
+from semhitok import read_jsonl
 
 POPE_FEATURES = {"question_id": "string", "question": "string", "answer": "string", "image": "image",
                  "image_source": "string", "category": "string"}  # fmt: skip
@@ -42,7 +42,7 @@ def coco_pope_records(coco: Path, strategy: str, seed: int = 0, min_objects: int
     Like POPE: images with at least `min_objects` annotated categories (images with none are unannotated, never
     used), `per_image` present categories ("yes") and as many absent ones ("no") each, negatives drawn by `strategy`
     from the categories annotated anywhere in the folder. `num_images`: the first N eligible images (file order)."""
-    rows = [json.loads(line) for line in (coco / "annotations.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for _, r in read_jsonl(coco / "annotations.jsonl")]
     categories = sorted({c for r in rows for c in r.get("objects", [])})
     rows = [r for r in rows if len(set(r.get("objects", []))) >= max(min_objects, 1)][:num_images]
     pairs = pope_pairs([r["objects"] for r in rows], categories, strategy, np.random.default_rng(seed), per_image)
@@ -74,7 +74,7 @@ def pope_doc(question_id: int | str, question: str, answer: str, image: Path, sp
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a folder written by scripts/render_synthetic.py")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for _, r in read_jsonl(path)]
 
 
 # ---------------------------------------------------------------------------------------------------- task folders

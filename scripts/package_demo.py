@@ -16,7 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mllm.assets import ASSET_PREFIX, SMOLLM2_DIRNAME, expand_reference
 from mllm.model import CONFIG_NAME, LORA_DIR, SemHiTokLM, read_config
@@ -28,17 +29,17 @@ TOKENIZER_DIR, MLLM_DIR = "tokenizer", "mllm"
 
 def half_copy(src: Path, dst: Path, dtype: torch.dtype) -> None:
     """Copy a safetensors file with its floating-point tensors cast to `dtype` (metadata kept)."""
-    from safetensors import safe_open
-
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata()
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(dst), metadata=metadata)
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_file(state, str(dst), metadata=metadata)
 
 
 def copy_folder(src: Path, dst: Path, dtype: torch.dtype) -> None:
-    """Every file of src into dst (created); .safetensors files cast to dtype."""
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+    """Every file of src into dst (created); .safetensors files cast to dtype. PEFT's generated model-card template
+    (lora/README.md) is left out: the shipped checkpoints' card is docs/demo.md."""
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.name != "README.md"):
         target = dst / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
