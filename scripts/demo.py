@@ -31,7 +31,7 @@ from mllm.sampling import ChatSession, Inference, SamplingConfig, generate_image
 from mllm.synthetic import Scene, detect, detection_accuracy, score_geneval
 from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.questions import qa_pool
-from semhitok.cli import Parser, positive_int
+from semhitok.cli import Parser, fail, positive_int
 from semhitok.data import load_image, to_pil, to_tensor
 from semhitok.metrics import psnr
 
@@ -83,6 +83,24 @@ def geneval_step(run: Inference, out: Path, n_prompts: int, seed: int, batch_siz
     return scored["summary"]
 
 
+class StepError(Exception):
+    """A demo step's command failed; the message names the step, the command and its cause in one line."""
+
+
+def run_step(step: str, cmd: list[str], log: Path) -> str:
+    """Run `cmd` (a Python script), keeping its whole stderr in `log`; its stdout. A failure raises StepError with
+    the last line the command printed on stderr (its error, or the last line of its traceback)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stderr)
+    if proc.returncode:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        cause = lines[-1] if lines else "it printed nothing on stderr"
+        raise StepError(f"step {step}: {Path(cmd[1]).name} exited with status {proc.returncode}: {cause} "
+                        f"(full output: {log})")  # fmt: skip
+    return proc.stdout
+
+
 def lmms_step(checkpoint: Path, heldout: Path, out: Path, batch_size: int) -> dict:
     """POPE (3 splits) and MME on the held-out scenes, as a user runs them: eval/build_lmms_tasks.py then
     eval/run_lmms.py (lmms-eval's own pope / mme task code). Returns lmms-eval's results JSON."""
@@ -92,11 +110,9 @@ def lmms_step(checkpoint: Path, heldout: Path, out: Path, batch_size: int) -> di
     run = [sys.executable, str(REPO / "eval" / "run_lmms.py"), "--tasks", "demo_pope,demo_mme", "--model-path",
            str(checkpoint), "--include-path", str(tasks), "--output", str(results), "--batch-size", str(batch_size),
            "--device", "cpu"]  # fmt: skip
-    for cmd in (build, run):
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd[1:3])} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    print("    " + proc.stdout.strip().replace("\n", "\n    "))
+    run_step("5 (build the POPE/MME tasks)", build, out / "logs" / "build_lmms_tasks.log")
+    stdout = run_step("5 (POPE/MME through lmms-eval)", run, out / "logs" / "run_lmms.log")
+    print("    " + stdout.strip().replace("\n", "\n    "))
     newest = max(results.rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
     return json.loads(newest.read_text())["results"]
 
@@ -127,12 +143,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="questions / prompts decoded together")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    with one_line_errors(p.prog):
+    try:
+        run_demo(args, p.prog)
+    except StepError as err:
+        fail(p.prog, str(err))
+
+
+def run_demo(args, prog: str) -> None:
+    """Every step; report.json is written even when a step fails (with what the earlier steps measured)."""
+    start, report = time.perf_counter(), {}
+    try:
+        run_steps(args, prog, report, start)
+    finally:
+        if report:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\ndone in {time.perf_counter() - start:.0f}s; outputs in {args.out}/ (report.json, generate/, geneval/, "
+          "heldout/)")  # fmt: skip
+
+
+def run_steps(args, prog: str, report: dict, start: float) -> None:
+    with one_line_errors(prog):
         run = load(args)
         banner(1, f"loaded {checkpoint_dir(args.checkpoint)}: {describe_checkpoint(run)} "
                   f"({time.perf_counter() - start:.0f}s)")  # fmt: skip
-        report: dict = {"checkpoint": str(checkpoint_dir(args.checkpoint)), "sampling": asdict(GENERATION)}
+        report.update(checkpoint=str(checkpoint_dir(args.checkpoint)), sampling=asdict(GENERATION))
         size = run.semhitok.config.image_size
         heldout = write_dataset(args.out / "heldout", args.heldout, size, args.seed)
         rows = [json.loads(line) for line in (heldout / "scenes.jsonl").read_text().splitlines()]
@@ -163,9 +198,6 @@ def main(argv: list[str] | None = None) -> None:
         judge = "n/a" if recon["geneval_judge"] is None else f"{recon['geneval_judge']:.2f}"
         banner(6, f"tokenizer encode -> decode on {len(rows)} held-out images: PSNR {recon['psnr']:.2f} dB; exact "
                   f"detector on the reconstructions: {detected}; GenEval judge on them: {judge}")  # fmt: skip
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\ndone in {time.perf_counter() - start:.0f}s; outputs in {args.out}/ (report.json, generate/, geneval/, "
-          "heldout/)")  # fmt: skip
 
 
 if __name__ == "__main__":
