@@ -1,7 +1,6 @@
 """`make demo`'s script, end to end as a user runs it, on the shipped demo checkpoints (small evaluation sizes)."""
 
 import json
-import os
 import subprocess
 import sys
 from importlib.util import find_spec, module_from_spec, spec_from_file_location
