@@ -19,6 +19,7 @@ from semhitok.assets import AssetError
 from semhitok.cli import Parser, positive_int
 from semhitok.configio import ConfigError
 from semhitok.data import ImageFolderDataset, collate_skip_bad
+from semhitok.distributed import resolve_device
 from semhitok.metrics import PROTOCOL, evaluate_reconstruction, fid_features_for
 from semhitok.model import SemHiTok
 from semhitok.train import build_datasets, image_grid, load_run_config
@@ -58,8 +59,9 @@ def holdout_split(run_dir: Path, size: int) -> Dataset:
 
 def load(args: argparse.Namespace):
     """-> (model, loader, rFID features or None); raises OSError / ValueError / AssetError with a clear message."""
+    device = resolve_device(args.device, option="--device")
     try:
-        model = SemHiTok.from_pretrained(args.checkpoint).to(args.device)
+        model = SemHiTok.from_pretrained(args.checkpoint).to(device)
     except (OSError, ValueError) as err:
         raise ValueError(f"--checkpoint {args.checkpoint} is not a usable SemHiTok checkpoint: {err}") from None
     size = args.size or model.config.image_size
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("outputs/reconstruction"))
     p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception forward passes)")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     try:
         model, loader, features = load(args)

@@ -1,13 +1,15 @@
 """Evaluate a SemHiTok MLLM with lmms-eval's own task code (the model is lmms-eval's `semhitok`, an entry point).
 
     python eval/run_lmms.py --tasks mme,pope --model-path DIR [--limit N --batch-size B --output DIR
-                            --include-path DIR --device auto --template auto --seed 0 --gen-kwargs max_new_tokens=8]
+                            --include-path DIR --device auto --template auto --seed 0 --gen-kwargs max_new_tokens=8
+                            --trust-remote-code]
 
 Tasks: any lmms-eval image task whose dataset is in the Hugging Face cache (mme, pope, ...; nothing is downloaded:
 HF_HUB_OFFLINE / HF_DATASETS_OFFLINE default to 1), and the local tasks built by eval/build_lmms_tasks.py
 (coco_pope_mini, synthetic_pope, synthetic_mme, ...) found under --include-path (default outputs/lmms_tasks).
 Writes lmms-eval's results JSON (scores, every task config with its generation_kwargs, model_args, batch size,
 limit, seeds) and one samples file per task to --output/<model>/, and prints a table of the scores.
+Code shipped with the checkpoint runs only with --trust-remote-code (model_args trust_remote_code=True).
 """
 
 import difflib
@@ -33,7 +35,17 @@ def build_parser() -> Parser:
     p.add_argument("--template", default="auto", help="conversation template the model was trained with")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (greedy tasks do not use it)")
     p.add_argument("--gen-kwargs", default=None, help="override every task's generation_kwargs, e.g. max_new_tokens=8")
+    p.add_argument("--trust-remote-code", action="store_true", help="let transformers run Python code shipped with "
+                   "the checkpoint's LLM; only for checkpoints whose source you trust")  # fmt: skip
     return p
+
+
+def model_args(args) -> str:
+    """lmms-eval's model_args string of the semhitok model for these flags."""
+    from mllm.cli import checkpoint_dir
+
+    text = f"pretrained={checkpoint_dir(args.model_path)},device={args.device},template={args.template}"
+    return text + f",seed={args.seed}" + (",trust_remote_code=True" if args.trust_remote_code else "")
 
 
 def resolve_tasks(manager, text: str) -> list[str]:
@@ -68,8 +80,6 @@ def evaluate(args) -> None:
     from loguru import logger
     from transformers.utils import logging as hf_logging
 
-    from mllm.cli import checkpoint_dir
-
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logger.remove()  # lmms-eval logs to stdout; stdout is for the score table here
@@ -78,9 +88,8 @@ def evaluate(args) -> None:
     paths = [str(p) for p in includes] if includes else None
     manager = TaskManager("WARNING", include_path=paths, model_name="semhitok")  # selects tasks' `semhitok` prompts
     tasks = resolve_tasks(manager, args.tasks)
-    model_args = f"pretrained={checkpoint_dir(args.model_path)},device={args.device},template={args.template},seed={args.seed}"
     tracker, stamp = EvaluationTracker(output_path=str(args.output)), get_datetime_str()
-    results = simple_evaluate(model="semhitok", model_args=model_args, tasks=tasks, batch_size=args.batch_size,
+    results = simple_evaluate(model="semhitok", model_args=model_args(args), tasks=tasks, batch_size=args.batch_size,
                               limit=args.limit, gen_kwargs=args.gen_kwargs, log_samples=True, task_manager=manager,
                               evaluation_tracker=tracker, verbosity="WARNING", datetime_str=stamp)  # fmt: skip
     samples = results.pop("samples")

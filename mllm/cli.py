@@ -1,5 +1,5 @@
-"""What scripts/generate.py and scripts/chat.py share: the checkpoint flag and its default, sampling flags, one-line
-errors, and writing images."""
+"""What scripts/generate.py and scripts/chat.py share: the checkpoint flag and its default, the --trust-remote-code
+opt-in, sampling flags, one-line errors, and writing images (with the check of their path)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ from semhitok import AssetError, ImageLoadError, fail, resolve_device, to_pil
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "mllm"  # the shipped demo MLLM (docs/demo.md)
 USER_ERRORS = (InferenceError, ImageLoadError, AssetError, OSError, ValueError)  # ConfigError, VocabError: ValueError
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> None:
-    """--checkpoint, --device, --template, --seed, --temperature, --top-k, --top-p."""
+    """--checkpoint, --trust-remote-code, --device, --template, --seed, --temperature, --top-k, --top-p."""
     parser.add_argument("--checkpoint", type=Path, help="MLLM folder (SemHiTokLM.save_pretrained / export_merged); "
                         "default: the embedded demo checkpoint")  # fmt: skip
+    add_trust_remote_code_arg(parser)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--template", default="auto", help="conversation template the model was trained with: "
                         "chat_template, vicuna_v1, or auto (the tokenizer's chat template if it has one)")  # fmt: skip
@@ -31,6 +33,21 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> No
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+
+
+def add_trust_remote_code_arg(parser: argparse.ArgumentParser) -> None:
+    """--trust-remote-code: the only way Python code shipped with a checkpoint runs (its own config never asks)."""
+    parser.add_argument("--trust-remote-code", action="store_true", help="let transformers run Python code shipped "
+                        "with the checkpoint's LLM; only for checkpoints whose source you trust")  # fmt: skip
+
+
+def image_path(text: str) -> Path:
+    """argparse type of an image file to write: a .png/.jpg/.jpeg path that is not an existing folder."""
+    path = Path(text)
+    if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
+        what = "an existing directory" if path.is_dir() else "no .png/.jpg extension"
+        raise argparse.ArgumentTypeError(f"must be a .png/.jpg file path, got {text!r} ({what})")
+    return path
 
 
 def sampling_config(args: argparse.Namespace, **fields) -> SamplingConfig:
@@ -52,10 +69,11 @@ def checkpoint_dir(path: Path | None) -> Path:
 
 def load(args: argparse.Namespace) -> Inference:
     """The checkpoint of --checkpoint on --device, with transformers' loading bars and notices silenced (stderr is
-    for our progress and errors)."""
+    for our progress and errors). Its code runs only with --trust-remote-code (False where a parser lacks the flag)."""
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    return load_for_inference(checkpoint_dir(args.checkpoint), resolve_device(args.device))
+    trust = vars(args).get("trust_remote_code", False)
+    return load_for_inference(checkpoint_dir(args.checkpoint), resolve_device(args.device, option="--device"), trust)
 
 
 @contextmanager
@@ -64,15 +82,29 @@ def one_line_errors(prog: str) -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as err:
-        fail(prog, " ".join(str(err).split()) or type(err).__name__)
+        fail(prog, one_line(err))
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line (its type name when it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def save_images(images: torch.Tensor, out: Path, per_row: int) -> list[Path]:
     """images (B, 3, H, W) in [-1, 1] -> `out` (a grid PNG, `per_row` images per row) and each image beside it as
-    <stem>-<row>-<col>.png. Returns [grid, *images]."""
+    <stem>-<row>-<col>.png. Returns [grid, *images]. If one cannot be written (e.g. `out` is a folder or has no
+    image extension: scripts check it first with `image_path`), the files written so far are removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_name(f"{out.stem}-{k // per_row}-{k % per_row}.png") for k in range(len(images))]
-    for image, path in zip(images, paths, strict=True):
-        to_pil(image).save(path)
-    to_pil(make_grid(images.float().cpu(), nrow=per_row, padding=2, pad_value=1.0)).save(out)
+    pictures = [to_pil(make_grid(images.float().cpu(), nrow=per_row, padding=2, pad_value=1.0)), *map(to_pil, images)]
+    written: list[Path] = []
+    try:
+        for picture, path in zip(pictures, [out, *paths], strict=True):
+            written.append(path)
+            picture.save(path)
+    except BaseException:
+        for path in written:
+            if path.is_file():
+                path.unlink()
+        raise
     return [out, *paths]

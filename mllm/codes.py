@@ -40,9 +40,11 @@ from semhitok import (
     ImageLoadError,
     SemHiTok,
     SemHiTokConfig,
+    SkipCounter,
     TokenGrid,
     collate_skip_bad,
     load_image,
+    read_json,
     read_jsonl,
     to_tensor,
 )
@@ -121,10 +123,13 @@ def list_images(source: str | os.PathLike, image_key: str = "image") -> tuple[Pa
     if source.is_dir():
         files = (Path(d, f) for d, _, names in os.walk(source, followlinks=True) for f in names)
         keys = [p.relative_to(source).as_posix() for p in files if p.name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not keys:
+            raise CodeCacheError(f"{source}: no image could be encoded: the folder holds no image files "
+                                 f"({', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
         return source, sorted(set(keys))
     if not source.is_file():
         raise FileNotFoundError(f"image source {source} is neither a folder nor a file")
-    records = [r for _, r in read_jsonl(source)] if source.suffix == ".jsonl" else json.loads(source.read_text())
+    records = [r for _, r in read_jsonl(source)] if source.suffix == ".jsonl" else read_json(source)
     if not isinstance(records, list):
         raise CodeCacheError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
     keys = {normalize_key(r[image_key]) for r in records if isinstance(r, dict) and isinstance(r.get(image_key), str)}
@@ -162,13 +167,14 @@ def extract_codes(
     size: int | None = None,
     batch_size: int = 32,
     shard_size: int = 4096,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     num_workers: int = 0,
     log: Callable[[str], None] = logger.info,
 ) -> Path:
     """Encode every image of `images` (see `list_images`) into the cache folder `out`; resumes a killed run.
     `image_root` overrides the folder relative keys resolve against; `size`, if given, must be the tokenizer's input
-    size (images are resized + centre-cropped to it). Returns `out`."""
+    size (images are resized + centre-cropped to it). Returns `out`. CodeCacheError when no image could be encoded
+    (the cache is then left incomplete)."""
     out, fp = Path(out), tokenizer_fingerprint(tokenizer_dir)
     if size is not None and size != fp.image_size:
         raise CodeCacheError(f"--size {size} but the tokenizer {tokenizer_dir} takes {fp.image_size} px images")
@@ -190,8 +196,16 @@ def extract_codes(
         _write_json(out / INDEX_NAME, index)
         info = index["shards"][str(s)]
         log(f"shard {s + 1}/{num_shards}: {info['num_encoded']} encoded, {len(info['skipped'])} skipped")
-    _write_json(out / INDEX_NAME, _finish(out, index))
+    index = _finish(out, index)
+    if index["num_encoded"] == 0:
+        raise CodeCacheError(f"{images}: no image could be encoded; {_skip_summary(index['skipped'])}")
+    _write_json(out / INDEX_NAME, index)
     return out
+
+
+def _skip_summary(skipped: dict[str, str]) -> str:
+    """'skipped N of N items (...): key (reason); ...' for the first few skipped images."""
+    return SkipCounter(num_skipped=len(skipped), reasons=skipped).summary(max_files=3)
 
 
 def _resume_index(out: Path, plan: dict) -> dict:

@@ -39,15 +39,38 @@ DEFAULT_SAMPLING = SamplingConfig()  # frozen
 
 
 def load_metadata(path: str | Path) -> list[dict]:
-    """GenEval metadata JSONL -> entries. ValueError naming file:line for a line that does not parse or lacks
-    `tag`, `include` or `prompt`."""
-    entries = []
-    for lineno, entry in read_jsonl(path):
-        missing = [k for k in REQUIRED_KEYS if k not in entry]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: GenEval entry lacks {', '.join(missing)}")
-        entries.append(entry)
-    return entries
+    """GenEval metadata JSONL -> entries. ValueError naming file:line for a line that does not parse or is not a
+    valid entry (see `check_entry`)."""
+    return [check_entry(entry, f"{path}:{lineno}") for lineno, entry in read_jsonl(path)]
+
+
+def check_entry(entry: dict, where: str) -> dict:
+    """`entry` if it is a GenEval metadata entry: `tag` one of GENEVAL_TAGS, a `prompt` string, a non-empty `include`
+    list and an optional `exclude` list of objects with a `class` and a `count` >= 1. Else ValueError `where: problem`."""
+    missing = [k for k in REQUIRED_KEYS if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: GenEval entry lacks {', '.join(missing)}")
+    if entry["tag"] not in GENEVAL_TAGS:
+        raise ValueError(f"{where}: unknown GenEval tag {entry['tag']!r} (expected one of {', '.join(GENEVAL_TAGS)})")
+    if not isinstance(entry["prompt"], str) or not entry["prompt"]:
+        raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {entry['prompt']!r}")
+    if not isinstance(entry["include"], list) or not entry["include"]:
+        raise ValueError(f"{where}: 'include' must be a non-empty list of objects, got {entry['include']!r}")
+    if not isinstance(entry.get("exclude", []), list):
+        raise ValueError(f"{where}: 'exclude' must be a list of objects, got {entry['exclude']!r}")
+    for key in ("include", "exclude"):
+        for k, obj in enumerate(entry.get(key, [])):
+            _check_object(obj, f"{where}: {key}[{k}]")
+    return entry
+
+
+def _check_object(obj: object, where: str) -> None:
+    """One include / exclude object: a `class` name and a `count` >= 1 (1 when absent)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("class"), str) or not obj["class"]:
+        raise ValueError(f"{where}: expected an object with a 'class' name, got {obj!r}")
+    count = obj.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"{where}: 'count' must be an integer >= 1, got {count!r}")
 
 
 def synthetic_metadata(n: int, seed: int = 0) -> list[dict]:
@@ -164,10 +187,12 @@ def prompt_folders(out: str | Path) -> list[Path]:
 
 def read_entry(folder: Path) -> dict:
     """The one-line metadata.jsonl of a prompt folder; ValueError naming the file when it is missing or bad."""
-    records = read_jsonl(folder / "metadata.jsonl") if (folder / "metadata.jsonl").is_file() else []
+    path = folder / "metadata.jsonl"
+    records = read_jsonl(path) if path.is_file() else []
     if len(records) != 1:
-        raise ValueError(f"{folder / 'metadata.jsonl'}: expected one metadata line, found {len(records)}")
-    return records[0][1]
+        raise ValueError(f"{path}: expected one metadata line, found {len(records)}")
+    lineno, entry = records[0]
+    return check_entry(entry, f"{path}:{lineno}")
 
 
 def score_folder(out: str | Path, scorer: Scorer | None = None) -> dict:
@@ -198,7 +223,9 @@ def summarize(results: Sequence[dict]) -> dict:
     as GenEval does). Unscorable rows are only counted."""
     scored = [r for r in results if r.get("scorable", True)]
     seen = {r["tag"] for r in scored}
-    tags = [t for t in GENEVAL_TAGS if t in seen] + sorted(seen - set(GENEVAL_TAGS))
+    if seen - set(GENEVAL_TAGS):
+        raise ValueError(f"unknown GenEval tag(s) {sorted(seen - set(GENEVAL_TAGS))} (expected {GENEVAL_TAGS})")
+    tags = [t for t in GENEVAL_TAGS if t in seen]
     per_tag = {t: _tally([r for r in scored if r["tag"] == t]) for t in tags}
     prompts = {}
     for r in scored:

@@ -4,6 +4,8 @@ lmms-eval's `generate_until` requests in left-padded batches.
     lmms-eval --model semhitok --model_args pretrained=DIR[,device=auto,template=auto,seed=0] --batch_size 8 ...
     python eval/run_lmms.py --tasks mme,pope --model-path DIR --batch-size 8      (the same, offline-friendly)
 
+Code shipped with the checkpoint runs only with model_args `trust_remote_code=True` (run_lmms: --trust-remote-code).
+
 A request is (question text, gen_kwargs, doc_to_visual, doc_id, task, split). Its image (at most one) is resized and
 centre-cropped like `semhitok.load_image` does, encoded by the checkpoint's SemHiTok, and placed in the first user
 turn of the model's conversation template (`ChatSession.prompt_ids`). Requests with the same gen_kwargs are decoded
@@ -61,8 +63,8 @@ def image_pixels(image: Image.Image, size: int) -> Tensor:
 
 
 def parse_device(text: str) -> torch.device:
-    """auto / cpu / cuda (through semhitok's resolve_device) or an explicit torch device such as cuda:1."""
-    return resolve_device(text) if text in ("auto", "cpu", "cuda") else torch.device(text)
+    """auto / cpu / cuda / cuda:N through semhitok's resolve_device (one-line ConfigError for a missing device)."""
+    return resolve_device(text, option="device")
 
 
 class SemHiTokLMMS(lmms):
@@ -71,14 +73,17 @@ class SemHiTokLMMS(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, device: str = "auto", batch_size: int | str = 1, template: str = "auto",
-                 seed: int | str = 0, max_batch_size: int | None = None, **unknown) -> None:  # fmt: skip
+                 seed: int | str = 0, trust_remote_code: bool = False, max_batch_size: int | None = None,
+                 **unknown) -> None:  # fmt: skip
         super().__init__()
         if unknown:
             raise ValueError(f"unknown model_args for semhitok: {', '.join(sorted(unknown))} "
-                             "(known: pretrained, device, batch_size, template, seed)")  # fmt: skip
+                             "(known: pretrained, device, batch_size, template, seed, trust_remote_code)")  # fmt: skip
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.run = load_for_inference(pretrained, parse_device(str(device)))
+        if not isinstance(trust_remote_code, bool):  # lmms-eval parses True/False; anything else is a typo
+            raise ValueError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
+        self.run = load_for_inference(pretrained, parse_device(str(device)), trust_remote_code)
         self.batch_size, self.template, self.seed = int(batch_size), template, int(seed)
         self.known = torch.arange(self.run.model.vocab.offset) < len(self.run.tokenizer)  # ids the tokenizer can write
 

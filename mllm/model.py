@@ -16,16 +16,21 @@ The LLM is only touched through generic HF APIs (`get_input_embeddings`, `get_ou
 (Models that post-process logits after lm_head, e.g. Gemma-2 soft-capping, are not special-cased.)
 
 Checkpoint folder (`save_pretrained`): mllm_config.json, vocab.json, mllm_parts.safetensors (adapter, head, special
-rows), lora/ (PEFT adapter, when LoRA trains) or llm/ (whole HF model, when the LLM trains fully). The base LLM and
-the SemHiTok checkpoint are referenced by path, not copied; relative paths in a saved mllm_config.json are relative
-to its folder. `export_merged` writes a plain HF folder (LoRA merged, special rows written in, extended tokenizer)
-plus our parts.
+rows), lora/ (PEFT adapter, when LoRA trains) or llm/ (whole HF model and its text tokenizer, when the LLM trains
+fully). The base LLM and the SemHiTok checkpoint are referenced by path, not copied; relative paths in a saved
+mllm_config.json are relative to its folder. `export_merged` writes a plain HF folder (LoRA merged, special rows
+written in, extended tokenizer) plus our parts.
+
+Remote code: `MLLMConfig.trust_remote_code` is a training option (`from_config`). A loaded checkpoint's own field never
+turns it on: `from_pretrained` runs code shipped with a checkpoint only when its caller passes trust_remote_code=True
+(the scripts' --trust-remote-code), and refuses a checkpoint that asks for it without that opt-in.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +56,10 @@ LORA_DIR, LORA_WEIGHTS, LLM_DIR = "lora", "adapter_model.safetensors", "llm"  # 
 # ---------------------------------------------------------------------------------------------------- config
 
 
+class RemoteCodeError(ValueError):
+    """A checkpoint asks to run its own Python code (trust_remote_code) and the caller did not opt in."""
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """PEFT LoRA on the LLM (used when `train_llm == "lora"`)."""
@@ -69,7 +78,7 @@ class MLLMConfig:
     semhitok: str  # SemHiTok checkpoint folder (config.json + model.safetensors)
     text_tokenizer: str = ""  # local tokenizer folder; "" = the llm folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # training: let transformers run the base LLM's own code (never read on load)
     adapter_width_sem: int = 256  # width of mlp_sem
     adapter_width_pix: int = 64  # width of mlp_pix
     head: Literal["flat", "factorized"] = "flat"
@@ -296,7 +305,9 @@ class SemHiTokLM(nn.Module):
         targets = c.lora.target_modules if isinstance(c.lora.target_modules, str) else list(c.lora.target_modules)
         lora = LoraConfig(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout, target_modules=targets,
                           task_type="CAUSAL_LM")  # fmt: skip
-        return get_peft_model(llm, lora)
+        with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(llm, lora)
 
     def parts(self) -> nn.ModuleDict:
         """Our trained parts (saved in mllm_parts.safetensors), keyed by their prefix there."""
@@ -394,19 +405,27 @@ class SemHiTokLM(nn.Module):
             semhitok = SemHiTok.from_pretrained(config.semhitok)
         if text_tokenizer is None:
             text_tokenizer = load_text_tokenizer(config.text_tokenizer or config.llm)
-        llm, (K, m) = _load_llm(config), (semhitok.config.K, semhitok.config.m)  # noqa: N806
+        llm, (K, m) = _load_llm(config, config.trust_remote_code), (semhitok.config.K, semhitok.config.m)  # noqa: N806
         rows = llm.get_input_embeddings().num_embeddings
         vocab = VisualVocab.create(text_tokenizer, K, m, rows, config.wrap_understanding_images)
         return cls(config, llm, vocab, semhitok)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, semhitok: str | Path | None = None) -> SemHiTokLM:
+    def from_pretrained(cls, directory: str | Path, semhitok: str | Path | None = None,
+                        trust_remote_code: bool = False) -> SemHiTokLM:  # fmt: skip
         """Strict load of a `save_pretrained` / `export_merged` folder. `semhitok` overrides the tokenizer path.
+        trust_remote_code: let transformers run Python code shipped with the checkpoint's LLM; the checkpoint's own
+        field never does, and RemoteCodeError refuses a checkpoint whose field is true without this opt-in.
         Missing files, unknown/missing keys, K*m mismatches and shape mismatches raise errors that name them."""
         folder = Path(directory)
         if not folder.is_dir():
             raise FileNotFoundError(f"SemHiTokLM checkpoint folder not found: {folder}")
         config = _paths(read_config(folder / CONFIG_NAME), lambda p: resolve_reference(p, folder))
+        if config.trust_remote_code and not trust_remote_code:
+            raise RemoteCodeError(f"{folder / CONFIG_NAME} asks to run Python code shipped with the checkpoint "
+                                  "(trust_remote_code: true); refused: if you trust its source, pass "
+                                  "--trust-remote-code (trust_remote_code=True in Python and lmms-eval "
+                                  "model_args)")  # fmt: skip
         config = replace(config, semhitok=str(semhitok)) if semhitok is not None else config
         lora_file = [f"{LORA_DIR}/{LORA_WEIGHTS}"] if config.train_llm == "lora" else []
         for name in (VOCAB_NAME, PARTS_NAME, *lora_file):  # fail before loading anything large
@@ -415,19 +434,21 @@ class SemHiTokLM(nn.Module):
         vocab = VisualVocab.load(folder / VOCAB_NAME)
         tok = SemHiTok.from_pretrained(config.semhitok)
         check_codes(vocab, tok, config.semhitok, f"the checkpoint {folder} (vocab.json, image head)")  # before the LLM
-        model = cls(config, _load_llm(config), vocab, tok)
+        model = cls(config, _load_llm(config, trust_remote_code), vocab, tok)
         model._load_parts(folder / PARTS_NAME)
         if config.train_llm == "lora":
             model._load_lora(folder / LORA_DIR)
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Atomically write the checkpoint folder (see module docstring); replaces `directory`."""
+        """Atomically write the checkpoint folder (see module docstring); replaces `directory`. A fully trained LLM is
+        written with its text tokenizer (extended), so the folder loads without the base LLM's."""
         config = _absolute(self.config)
         with atomic_folder(directory) as tmp:
             if config.train_llm == "full":
                 self.causal_lm.save_pretrained(tmp / LLM_DIR)
-                config = replace(config, llm=LLM_DIR)
+                self.load_text_tokenizer().save_pretrained(tmp / LLM_DIR)
+                config = replace(config, llm=LLM_DIR, text_tokenizer=LLM_DIR)
             elif config.train_llm == "lora":
                 self.llm.save_pretrained(tmp / LORA_DIR, save_embedding_layers=False)
             self._write_parts(tmp, config)
@@ -476,15 +497,15 @@ class SemHiTokLM(nn.Module):
                              f"unexpected {result.unexpected_keys[:8]}")  # fmt: skip
 
 
-def _load_llm(config: MLLMConfig) -> nn.Module:
-    """The base causal LM from a local folder; remote code only when the config asks for it."""
+def _load_llm(config: MLLMConfig, trust_remote_code: bool) -> nn.Module:
+    """The base causal LM from a local folder; its own code runs only if `trust_remote_code` (the caller's choice)."""
     from transformers import AutoModelForCausalLM
 
     if not Path(config.llm).is_dir():
         raise FileNotFoundError(f"base LLM folder not found: {config.llm} (MLLMConfig.llm; nothing is downloaded)")
     dtype = getattr(torch, config.dtype)
     return AutoModelForCausalLM.from_pretrained(
-        config.llm, dtype=dtype, trust_remote_code=config.trust_remote_code, local_files_only=True
+        config.llm, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True
     )
 
 

@@ -7,6 +7,9 @@
     ChatSession                            a conversation about one image, history kept
     load_for_inference(folder)             model + text tokenizer + SemHiTok, with one-line errors
 
+User text is plain text: a `<boi>`, `<eoi>` or `<image>` typed in a caption or question is tokenized as its characters
+(`plain_specials`), never as the control token; only the `<image>` placeholder ChatSession writes itself is one.
+
 Image generation: every prompt row is left-padded into one batch (attention mask 0 on pads, position ids counted
 from each row's first real token), `<boi>` is forced, the prompts are prefilled once, then ONE token per step runs
 through the KV cache. Inside the image only the image head is evaluated (`image_logits`, K·m classes, or the
@@ -34,6 +37,7 @@ from mllm.conversation import GPT, HUMAN, get_template, tokenize_prompt
 from mllm.data.llava import IMAGE_PLACEHOLDER
 from mllm.data.mixture import GENERATION_PROMPT, generation_prompt_ids
 from mllm.model import CONFIG_NAME, FactorizedImageHead, SemHiTokLM
+from mllm.vocab import VisualVocab
 from semhitok import SemHiTok, SemHiTokConfig, TokenGrid, load_image, to_tensor
 
 Progress = Callable[[Iterable[int]], Iterable[int]]  # e.g. tqdm: wraps the loop over image positions
@@ -249,9 +253,26 @@ def _generation_prompt(model: SemHiTokLM, caption: str, k: int, tokenizer, templ
                        num_tokens: int) -> Tensor:  # fmt: skip
     if not caption.strip():
         raise InferenceError(f"prompt {k} is empty: give a caption (the empty prompt is the unconditional one)")
-    ids = generation_prompt_ids(caption, tokenizer, template, prompt_format)
+    ids = plain_specials(generation_prompt_ids(caption, tokenizer, template, prompt_format), tokenizer, model.vocab)
     check_length(model, len(ids), num_tokens + 2, f"prompt {k} ({caption[:40]!r}...)")  # + <boi>, <eoi>
     return ids
+
+
+def plain_specials(ids: Tensor, tokenizer, vocab: VisualVocab, placeholders: int = 0) -> Tensor:
+    """Prompt ids (L,) int64 -> the same with every `<boi>`, `<eoi>`, `<image>` id replaced by the ids of its characters
+    as plain text (split_special_tokens), so text a user typed never becomes a control token. The first `placeholders`
+    `<image>` ids are the caller's own placeholders and are kept."""
+    typed = (ids.unsqueeze(-1) == torch.tensor(vocab.special_ids)).any(-1)  # (L,)
+    typed[(ids == vocab.image_token_id).nonzero()[:placeholders, 0]] = False
+    if not typed.any():
+        return ids
+    rows = [_plain_ids(tokenizer, i) if t else [i] for i, t in zip(ids.tolist(), typed.tolist(), strict=True)]
+    return torch.tensor([i for row in rows for i in row], dtype=torch.long)
+
+
+def _plain_ids(tokenizer, token_id: int) -> list[int]:
+    text = tokenizer.convert_ids_to_tokens(token_id)
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def semhitok_grid(model: SemHiTokLM) -> int:
@@ -335,7 +356,8 @@ class ChatSession:
     history: list[tuple[str, str]] = field(default_factory=list)
 
     def prompt_ids(self, question: str) -> Tensor:
-        """(L,) int64 prompt for `question` after the history, placeholder expanded."""
+        """(L,) int64 prompt for `question` after the history, placeholder expanded; `<boi>`, `<eoi>`, `<image>` typed
+        in the questions are plain text."""
         if not question.strip():
             raise InferenceError("the question is empty")
         exchanges = [*self.history, (question, None)]
@@ -344,6 +366,8 @@ class ChatSession:
             q = f"{IMAGE_PLACEHOLDER}\n{q}" if k == 0 and self.image_ids is not None else q
             turns += [{"from": HUMAN, "value": q}] + ([{"from": GPT, "value": a}] if a is not None else [])
         ids = tokenize_prompt(turns, self.tokenizer, resolve_template(self.template, self.tokenizer))
+        # our placeholder opens the first question, and only template text (no `<image>`) comes before it
+        ids = plain_specials(ids, self.tokenizer, self.model.vocab, placeholders=int(self.image_ids is not None))
         if self.image_ids is None:
             return ids
         return self.model.vocab.expand_placeholders(ids, None, self.image_ids.cpu())[0]
@@ -386,9 +410,11 @@ class Inference:
         return self.semhitok.decode(grid)
 
 
-def load_for_inference(directory: str | Path, device: str | torch.device = "cpu") -> Inference:
+def load_for_inference(directory: str | Path, device: str | torch.device = "cpu",
+                       trust_remote_code: bool = False) -> Inference:  # fmt: skip
     """Load a `SemHiTokLM.save_pretrained` / `export_merged` folder for sampling. InferenceError (one line) for a
-    missing folder or a folder that is not an MLLM checkpoint (e.g. a SemHiTok tokenizer folder)."""
+    missing folder or a folder that is not an MLLM checkpoint (e.g. a SemHiTok tokenizer folder). Code shipped with
+    the checkpoint runs only with trust_remote_code (see `SemHiTokLM.from_pretrained`)."""
     folder = Path(directory)
     if not folder.is_dir():
         raise InferenceError(f"checkpoint folder not found: {folder}")
@@ -396,6 +422,6 @@ def load_for_inference(directory: str | Path, device: str | torch.device = "cpu"
         kind = "a SemHiTok tokenizer checkpoint" if (folder / "config.json").is_file() else "not a checkpoint"
         raise InferenceError(f"{folder} is {kind}, not an MLLM checkpoint (no {CONFIG_NAME}): pass the folder "
                              "SemHiTokLM.save_pretrained wrote, e.g. <train.out_dir>/model")  # fmt: skip
-    model = SemHiTokLM.from_pretrained(folder).to(device).eval()
+    model = SemHiTokLM.from_pretrained(folder, trust_remote_code=trust_remote_code).to(device).eval()
     semhitok = SemHiTok.from_pretrained(model.config.semhitok).to(device).eval()
     return Inference(model, model.load_text_tokenizer(), semhitok)

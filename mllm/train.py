@@ -17,7 +17,9 @@ loss_text (≈ understanding), loss_image (generation), lr, grad_norm, tokens/s,
 truncated samples), `checkpoints/step-XXXXXX/` (semhitok's atomic checkpoints: trainable weights + optimizer as
 safetensors, step, data position, every rank's RNG, the run config; COMPLETE marker last), and at the end `model/`
 (`SemHiTokLM.save_pretrained`) and `export/` (`export_merged`: plain HF folder, loadable without PEFT/DeepSpeed).
-Starting a run in an out_dir with a complete checkpoint resumes it exactly (same data order, RNG, optimizer).
+Starting a run in an out_dir with a complete checkpoint resumes it exactly (same data order, RNG, optimizer) from the
+newest intact one. One run at a time owns an out_dir (`semhitok.runlock`, taken by rank 0); a second is refused.
+Nothing is downloaded at run time: `model.llm`, `model.text_tokenizer` and `model.semhitok` are local folders.
 
 DeepSpeed checkpoints (decision): the engine's state (its ZeRO-partitioned fp32 master weights and optimizer shards)
 is saved with DeepSpeed's own `save_checkpoint` into `deepspeed/.step-XXXXXX.tmp`, renamed to `deepspeed/step-XXXXXX`
@@ -39,7 +41,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -67,15 +68,20 @@ from mllm.model import CONFIG_NAME, PARTS_NAME, VOCAB_NAME, LoraSettings, MLLMCo
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab
 from semhitok import (
+    MAX_EMPTY_BATCHES,
+    AssetError,
     ConfigError,
+    EmptyBatches,
     SkipCounter,
     append_jsonl,
     apply_overrides,
+    check_lr,
     config_diff,
+    console,
     flatten_state,
     from_dict,
-    latest_checkpoint,
-    load_checkpoint,
+    hold_run_folder,
+    load_resume_point,
     merge_dicts,
     read_yaml,
     resolve_device,
@@ -83,6 +89,7 @@ from semhitok import (
     restore_rng,
     save_checkpoint,
     save_config,
+    skipped_line,
     to_dict,
     truncate_log,
     unwrap_model,
@@ -104,8 +111,7 @@ RESUMABLE_CHANGES = ("train.out_dir", "train.steps", "train.epochs", "train.log_
 INJECTED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                     "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")  # fmt: skip
 DS_DIR = "deepspeed"
-HUB_NAME = re.compile(r"\w[\w.-]*/[\w.-]+")  # "org/name"; not "./x", "../x", "a/b/c"
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # weights as safetensors only
+MODEL_PATHS = ("llm", "text_tokenizer", "semhitok")  # model.* keys naming local folders
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
@@ -151,6 +157,7 @@ class TrainConfig:
             raise ValueError("set train.global_batch_size (grad_accum derived) or train.grad_accum, not both")
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
+        check_lr("train.lr", self.lr)
 
 
 @dataclass(frozen=True)
@@ -193,40 +200,24 @@ def _stage_of(data: dict, overrides: Sequence[str]) -> str:
     return stage
 
 
-def is_hub_name(name: str) -> bool:
-    """"org/name" that is not a local path: a Hugging Face hub repository (like `from_pretrained`)."""
-    return bool(HUB_NAME.fullmatch(name)) and not Path(name).exists()
-
-
-def resolve_model_paths(run: MLLMRunConfig, launch: Launch) -> MLLMRunConfig:
-    """`~` and `asset:<name>` in the model paths are expanded (`mllm.assets.expand_reference`). `model.llm` / `model.text_tokenizer` may name a hub repo
-    ("lmsys/vicuna-7b-v1.5"): it is downloaded once into the Hugging Face cache (rank 0 first, the others then read
-    the cache) and the run uses that local folder."""
-    keys = ("llm", "text_tokenizer", "semhitok")
-    run = replace(run, model=replace(run.model, **{k: expand_reference(getattr(run.model, k)) for k in keys}))
-    names = {k: getattr(run.model, k) for k in ("llm", "text_tokenizer") if is_hub_name(getattr(run.model, k))}
-    if not names:
-        return run
-    from huggingface_hub import snapshot_download
-
-    folders = {}
-    for turn in (True, False):  # rank 0 downloads, then every other rank finds it cached
-        if launch.is_main == turn:
-            for key, name in names.items():
-                try:
-                    folders[key] = snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=not turn)
-                except Exception as err:  # offline, unknown repo, gated model: one clear line
-                    raise ConfigError(f"model.{key}: {name!r} is not a local folder and could not be fetched from "
-                                      f"the Hugging Face hub ({type(err).__name__}: {err})") from None  # fmt: skip
-        _barrier()
-    return replace(run, model=replace(run.model, **folders))
+def resolve_model_paths(run: MLLMRunConfig) -> MLLMRunConfig:
+    """`~` and `asset:<name>` in the model paths expanded (`mllm.assets.expand_reference`). Nothing is downloaded at
+    run time: a model path that is not a local folder is a ConfigError naming the key."""
+    try:
+        paths = {k: expand_reference(getattr(run.model, k)) for k in MODEL_PATHS}
+    except AssetError as err:
+        raise ConfigError(f"model: {err}") from None
+    missing = [f"model.{k}: {path}" for k, path in paths.items() if path and not Path(path).exists()]
+    if missing:
+        raise ConfigError(f"not found: {'; '.join(missing)} (nothing is downloaded at run time: pass a local folder)")
+    return replace(run, model=replace(run.model, **paths))
 
 
 def check_paths(run: MLLMRunConfig) -> None:
-    """Every input file/folder of the run exists (checked before anything large loads); ConfigError lists the rest."""
-    m, d, t = run.model, run.data, run.train
-    needed = {"model.llm": m.llm, "model.semhitok": m.semhitok, "model.text_tokenizer": m.text_tokenizer,
-              "data.codes": d.codes, "data.conversations": d.conversations, "data.captions": d.captions,
+    """Every input file/folder of the run beyond the model's (`resolve_model_paths`) exists, checked before anything
+    large loads; ConfigError lists the missing ones."""
+    d, t = run.data, run.train
+    needed = {"data.codes": d.codes, "data.conversations": d.conversations, "data.captions": d.captions,
               "train.init_from": t.init_from, "train.deepspeed": t.deepspeed or ""}  # fmt: skip
     missing = [f"{key}: {path}" for key, path in needed.items() if path and not Path(path).exists()]
     if missing:
@@ -613,7 +604,7 @@ class RankZeroLog:
 
     def info(self, text: str) -> None:
         if self.main:
-            print(text, flush=True)
+            console(text, self.bar)
 
     def record(self, record: dict[str, Any]) -> None:
         if not self.main:
@@ -683,7 +674,7 @@ class MLLMTrainer:
         self.accum = grad_accum_of(self.t, launch.world_size)
         self.step = self.seen = 0  # optimizer steps done; micro-batches taken from the loader (per rank)
         self.skips = SkipCounter()
-        run = self.run = resolve_model_paths(run, launch)
+        run = self.run = resolve_model_paths(run)
         check_paths(run)
         bf16 = self.t.precision == "bf16" and launch.device.type == "cuda"
         ds_config = deepspeed_config(self.t.deepspeed, self.t, self.accum, bf16) if self.t.deepspeed else None
@@ -697,12 +688,12 @@ class MLLMTrainer:
         optimizer = torch.optim.AdamW(param_groups(model, self.t.weight_decay), lr=self.t.lr, betas=self.t.betas)
         self.runner = (DeepSpeedRunner(model, optimizer, launch, ds_config) if ds_config is not None
                        else TorchRunner(model, optimizer, launch, self.t))  # fmt: skip
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is not None:
-            self._resume(ckpt)
+        found = load_resume_point(self.out, owner=launch.is_main)
+        if found is not None:
+            self._resume(*found)
         self.log = RankZeroLog(self.out / "log.jsonl", launch, self.total, self.step)
         if launch.is_main:
-            self._start_files(model, len(dataset), ckpt)
+            self._start_files(model, len(dataset), found[0] if found else None)
 
     # ---------------------------------------------------------------- set-up
 
@@ -713,6 +704,7 @@ class MLLMTrainer:
         self.dataset = dataset
         self.sampler = ResumableSampler(dataset, self.launch, self.t.seed)
         self.per_epoch = self.sampler.num_samples // bs  # micro-batches per epoch and rank
+        self.empty = EmptyBatches(min(self.per_epoch, MAX_EMPTY_BATCHES))
         self.loader = DataLoader(
             dataset, batch_size=bs, sampler=self.sampler, num_workers=self.t.num_workers, drop_last=True,
             collate_fn=partial(collate_lm, pad_id=pad_id), pin_memory=self.launch.device.type == "cuda",
@@ -753,6 +745,8 @@ class MLLMTrainer:
             if self.t.ckpt_every and self.step % self.t.ckpt_every == 0 and self.step < self.total:
                 self.save()
         self.log.close()
+        if self.skips.num_skipped:
+            self.log.info(f"stage {self.t.stage} done: {self.skips.summary()}")
         self.save()
 
     def train_step(self, batches: Iterator[dict[str, Any]], tally: Tally) -> Tensor | float:
@@ -766,13 +760,16 @@ class MLLMTrainer:
         return self.runner.optimizer_step(lr_at(self.step, self.total, self.t))
 
     def _next_nonempty(self, batches: Iterator[dict[str, Any]], tally: Tally) -> dict[str, Any]:
-        """The next micro-batch every rank has samples for (all ranks skip a batch that is empty on any of them)."""
+        """The next micro-batch every rank has samples for (all ranks skip a batch that is empty on any of them);
+        ConfigError after too many empty ones in a row (`EmptyBatches`)."""
         while True:
             batch = next(batches)
             self.seen += 1
             self.skips.update(batch)
             tally.num_skipped += batch["num_skipped"]
-            if _min_over_ranks(batch["batch_size"], self.launch.device) > 0:
+            usable = _min_over_ranks(batch["batch_size"], self.launch.device) > 0
+            self.empty.update(usable, self.skips)
+            if usable:
                 return batch
 
     def batches(self) -> Iterator[dict[str, Any]]:
@@ -795,6 +792,8 @@ class MLLMTrainer:
             "understanding": int(s.understanding), "generation": int(s.generation),
             "num_skipped": int(s.num_skipped), "num_truncated": int(s.num_truncated), "sec": seconds,
         })  # fmt: skip
+        if s.num_skipped:
+            self.log.info(skipped_line(self.step, int(s.num_skipped), self.skips))
 
     # ---------------------------------------------------------------- checkpoints and outputs
 
@@ -810,8 +809,7 @@ class MLLMTrainer:
             prune_engine_dirs(self.out)
         _barrier()
 
-    def _resume(self, path: Path) -> None:
-        groups, meta = load_checkpoint(path)
+    def _resume(self, path: Path, groups: dict[str, dict[str, Tensor]], meta: dict[str, Any]) -> None:
         diff = config_diff(meta["config"], to_dict(self.run), RESUMABLE_CHANGES)
         launch = {"world_size": self.launch.world_size, "mode": self.launch.mode}
         diff += [f"{k}: {meta[k]!r} vs {v!r}" for k, v in launch.items() if meta[k] != v]
@@ -850,9 +848,10 @@ def train(run: MLLMRunConfig, dataset: Dataset | None = None) -> Path:
     launch = detect_launch(run.train)
     created = join_process_group(launch)
     try:
-        trainer = MLLMTrainer(run, launch, dataset)
-        trainer.fit()
-        return trainer.export()
+        with hold_run_folder(run.train.out_dir, launch.is_main, launch.device):  # one run per out_dir
+            trainer = MLLMTrainer(run, launch, dataset)
+            trainer.fit()
+            return trainer.export()
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()

@@ -5,14 +5,15 @@
                                                                      "exit"; the conversation history is kept
 Greedy by default (--temperature 0). Bad input (empty or over-long question, unreadable image, missing or non-MLLM
 checkpoint) prints one line on stderr and exits with status 2; in the interactive session a bad question only prints
-the line and the session goes on.
+the line and the session goes on. `<boi>`, `<eoi>`, `<image>` typed in a question are plain text. Code shipped with a
+checkpoint runs only with --trust-remote-code.
 """
 
 import sys
 from pathlib import Path
 
-from mllm.cli import add_sampling_args, load, one_line_errors, sampling_config
-from mllm.sampling import ChatSession, InferenceError
+from mllm.cli import USER_ERRORS, add_sampling_args, load, one_line, one_line_errors, sampling_config
+from mllm.sampling import ChatSession
 from semhitok.cli import Parser, positive_int
 
 
@@ -28,8 +29,8 @@ def interact(session: ChatSession, prog: str) -> None:
             continue
         try:
             print(session.ask(question), flush=True)
-        except InferenceError as err:
-            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        except USER_ERRORS as err:
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,12 +2,13 @@
 
     python scripts/generate.py --prompt "a red circle" [--prompt "two blue squares" ...] [--checkpoint DIR]
         [--num-images N] [--cfg S] [--cfg-schedule constant|linear] [--temperature T] [--top-k K] [--top-p P]
-        [--seed X] [--out FILE.png]
+        [--seed X] [--out FILE.png] [--trust-remote-code]
 
 Writes a grid PNG at --out (one row per prompt, --num-images per row) and each image beside it as
 <stem>-<prompt>-<image>.png, and prints their paths. Image n of prompt p uses seed X + p*N + n, so any single image
-can be re-made alone. Bad input (empty or over-long prompt, missing or non-MLLM checkpoint) prints one line on stderr
-and exits with status 2.
+can be re-made alone. Bad input (empty or over-long prompt, an --out that is not a .png/.jpg path, missing or non-MLLM
+checkpoint) prints one line on stderr and exits with status 2; --out is checked before anything loads. Code shipped
+with a checkpoint runs only with --trust-remote-code.
 """
 
 from functools import partial
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mllm.cli import add_sampling_args, load, one_line_errors, sampling_config, save_images
+from mllm.cli import add_sampling_args, image_path, load, one_line_errors, sampling_config, save_images
 from mllm.sampling import generate_images
 from semhitok.cli import Parser, positive_int
 
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
-    p.add_argument("--out", type=Path, default=Path("outputs/generated.png"), help="grid PNG; images go beside it")
+    p.add_argument("--out", type=image_path, default=Path("outputs/generated.png"),
+                   help="grid image (.png/.jpg); each image goes beside it as a PNG")  # fmt: skip
     add_sampling_args(p, temperature=1.0)
     args = p.parse_args(argv)
     with one_line_errors(p.prog):

@@ -6,7 +6,8 @@
         --deepspeed configs/deepspeed/zero3.json                                                  DeepSpeed ZeRO
 
 Stages chain through folders: pretrain's out_dir/model -> `train.init_from` of instruct, and so on.
-Bad configs, missing files or data, and tokenizer / vocabulary mismatches print one line and exit with status 2.
+Bad configs, missing files or data, tokenizer / vocabulary mismatches, data without a usable sample, an out_dir in use
+by another run and a failed checkpoint write print one line and exit with status 2.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import os
 import sys
 
 from mllm.train import load_run_config, train
-from semhitok import ConfigError
+from semhitok import CheckpointError, ConfigError
 from semhitok.cli import Parser
 
 
@@ -29,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         model_dir = train(load_run_config(args.config, overrides))
-    except ConfigError as err:
-        if main_rank:  # every rank fails the same way before training: say it once
+    except (ConfigError, CheckpointError) as err:  # CheckpointError: also a busy out_dir, a full disk
+        if main_rank:  # every rank fails the same way: say it once
             print(f"{p.prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     if main_rank:

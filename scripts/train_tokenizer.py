@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 scripts/train_tokenizer.py --config configs/tokenizer/tiny.yaml
 
 Stages chain through exports: stage 1 -> out_dir/model -> `train.init_from` of stage 2 -> ... -> stage 2b.
-Bad configs, missing data, a missing / mismatched `init_from` or a damaged checkpoint print one line and exit 2.
+Bad configs, missing data (or none usable), a missing / mismatched `init_from`, every checkpoint damaged, an out_dir in
+use by another run or a failed checkpoint write print one line and exit 2.
 """
 
 import os
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         model_dir = train(load_run_config(args.config, args.overrides))
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError) as err:  # CheckpointError: also a busy out_dir, a full disk
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails the same way: say it once
             print(f"{p.prog}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,7 @@
 bad files (also across DataLoader workers), JSONL / LLaVA validation errors, and COCO on the real shared data."""
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -335,6 +336,18 @@ def test_llava_file_and_placeholders(tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps([GOOD, {"id": "q1", "conversations": conv(("gpt", "x"))}]))
     with pytest.raises(LlavaFormatError, match=r"broken\.json: sample 1 \(id 'q1'\)"):
         load_llava(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("cut", [-30, -1])  # inside a string; just before the closing bracket
+def test_truncated_llava_json_names_the_file_and_position(tmp_path, cut):
+    """#11: a LLaVA .json cut short (interrupted download or copy) is one line naming the file and position."""
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps([GOOD, GOOD])[:cut])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: invalid JSON at line 1, column \d+: .*truncated\?\)$"):
+        load_llava(path)
+    path.write_text('[{"id": "a",\n "conversations": []\n {"id": "b"}]')  # a missing comma, not a truncation
+    with pytest.raises(ValueError, match=r"llava\.json: invalid JSON at line 3, column 2: Expecting ',' delimiter$"):
+        load_llava(path)
 
 
 # ---------------------------------------------------------------- COCO (real shared data)

@@ -127,6 +127,39 @@ def test_bad_metadata_line_is_named(tmp_path, line, message):
         load_metadata(path)
 
 
+ONE = {"class": "circle", "count": 1}
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"tag": "shapes", "include": [ONE], "prompt": "x"}, "unknown GenEval tag 'shapes' (expected one of "
+                                                         "single_object, two_object, counting, colors, position, "
+                                                         "color_attr)"),
+    ({"tag": "counting", "include": [{"class": "circle", "count": -2}], "prompt": "x"},
+     "include[0]: 'count' must be an integer >= 1, got -2"),
+    ({"tag": "counting", "include": [ONE], "exclude": [{"class": "circle", "count": 0}], "prompt": "x"},
+     "exclude[0]: 'count' must be an integer >= 1, got 0"),
+    ({"tag": "colors", "include": [{"count": 1}], "prompt": "x"},
+     "include[0]: expected an object with a 'class' name, got {'count': 1}"),
+    ({"tag": "colors", "include": [], "prompt": "x"}, "'include' must be a non-empty list of objects, got []"),
+])  # fmt: skip
+def test_invalid_metadata_entry_is_named_not_scored(tmp_path, entry, message):
+    """#11: unknown tags and counts < 1 used to be loaded and folded into "overall"; now file:line: problem."""
+    path = tmp_path / "meta.jsonl"
+    path.write_text(json.dumps(synthetic_metadata(1)[0]) + "\n" + json.dumps(entry) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_metadata(path)
+    assert str(err.value) == f"{path}:2: {message}"
+    write_layout(tmp_path / "images", 0, entry, [Image.new("RGB", (8, 8))])  # a folder made by another tool
+    with pytest.raises(ValueError) as err:
+        score_folder(tmp_path / "images")
+    assert str(err.value) == f"{tmp_path / 'images' / '00000' / 'metadata.jsonl'}:1: {message}"
+
+
+def test_summarize_refuses_unknown_tags():
+    with pytest.raises(ValueError, match=r"unknown GenEval tag\(s\) \['shapes'\]"):
+        summarize([{"tag": "shapes", "metadata": "a", "correct": True}])
+
+
 def run_script(*args) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "eval" / "geneval.py"), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -157,13 +190,17 @@ def load_script():
 def test_script_bad_input_is_one_line(tmp_path, capsys):
     main = load_script().main
     (tmp_path / "bad.jsonl").write_text("{oops\n")
+    write_metadata(tmp_path / "neg.jsonl", [{"tag": "counting", "include": [{"class": "circle", "count": -1}],
+                                             "prompt": "a photo of -1 circles"}])  # fmt: skip
     write_metadata(tmp_path / "ok.jsonl", synthetic_metadata(1))
     (tmp_path / "empty").mkdir()
     cases = {"bad.jsonl:1: invalid JSON": ["generate", "--metadata", tmp_path / "bad.jsonl", "--out", tmp_path / "o"],
              "checkpoint folder not found": ["generate", "--metadata", tmp_path / "ok.jsonl", "--out", tmp_path / "o",
                                              "--checkpoint", tmp_path / "missing"],
              "no GenEval prompt folders": ["score", "--images", tmp_path / "empty"],
-             "image folder not found": ["score", "--images", tmp_path / "nowhere"]}  # fmt: skip
+             "image folder not found": ["score", "--images", tmp_path / "nowhere"],
+             "neg.jsonl:1: include[0]: 'count' must be an integer >= 1, got -1":
+                 ["generate", "--metadata", tmp_path / "neg.jsonl", "--out", tmp_path / "o"]}  # fmt: skip
     for needle, args in cases.items():
         with pytest.raises(SystemExit) as exit_:
             main([str(a) for a in args])

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from semhitok.config import PRESETS
+from semhitok.assets import AssetError
+from semhitok.config import PRESETS, TeacherConfig
 from semhitok.data import ImageFolderDataset, collate_skip_bad
 from semhitok.metrics import (
     CodebookUsage,
@@ -33,6 +34,7 @@ from semhitok.metrics import (
 )
 from semhitok.model import SemHiTok
 from semhitok.probe import knn_accuracy, linear_probe_accuracy, semantic_probe, stratified_split
+from semhitok.teachers import INCEPTION_INPUT, InceptionTeacher
 from semhitok.types import TokenGrid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +184,27 @@ def test_fid_resize_is_fid_helpers_nv_bilinear(monkeypatch):
     assert torch.allclose(fid_resize(x, 32), x, atol=1e-6)  # same size: identity
 
 
+def test_rfid_features_use_299_px_whatever_the_teacher_input_size(monkeypatch):
+    """#11: the demo tokenizer's Inception teacher reads 155 px; rFID shares that network but must feed it 299 px
+    (at 155 px pool3 gets a 3x3 map and the 8x8 pool fails with "Output size is too small")."""
+    cfg = TeacherConfig(kind="inception", layer="mixed_7", dim=768, image_size=155)
+    try:
+        teacher = InceptionTeacher(cfg, grid=8)
+    except AssetError as err:
+        pytest.skip(f"Inception-v3 asset not installed: {err}")
+    sides, preprocess = [], teacher.preprocess
+
+    def spy(images, size=None):
+        x = preprocess(images, size)
+        sides.append(x.shape[-1])
+        return x
+
+    monkeypatch.setattr(teacher, "preprocess", spy)
+    feats = InceptionFIDFeatures(teacher)(smooth_images(2, 64))
+    assert sides == [INCEPTION_INPUT] and feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    assert teacher.preprocess(smooth_images(1, 64)).shape[-1] == 155  # the teacher's own features keep 155 px
+
+
 # ------------------------------------------------------------------------------------------------------ usage
 
 
@@ -260,6 +283,18 @@ def test_reconstruction_script_end_to_end(tmp_path, checkpoint):
     assert (results["num_images"], results["num_skipped"], results["rfid"]) == (5, 1, None)
     assert results["checkpoint"] == str(checkpoint.resolve()) and "psnr" in proc.stdout
     assert Image.open(out / "reconstructions.png").size == (5 * TINY.image_size, 2 * TINY.image_size)
+
+
+@pytest.mark.slow
+def test_reconstruction_script_with_rfid_on_the_shipped_tokenizer(tmp_path):
+    """#11: the demo tokenizer's teacher reads 155 px; rFID (without --no-fid) must still run, at 299 px."""
+    data, out = write_folder(tmp_path / "imgs", 4), tmp_path / "out"
+    cmd = [sys.executable, REPO / "eval" / "reconstruction.py", "--checkpoint", REPO / "mllm" / "demo" / "tokenizer",
+           "--data", data, "--out", out, "--device", "cpu"]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_images"] == 4 and math.isfinite(results["rfid"]) and results["rfid"] > 0
 
 
 def test_reconstruction_of_a_runs_holdout_split(tmp_path, checkpoint, capsys):

@@ -35,7 +35,6 @@ from mllm.train import (
     deepspeed_config,
     detect_launch,
     grad_accum_of,
-    is_hub_name,
     load_run_config,
     lr_at,
     resolve_model_paths,
@@ -207,18 +206,14 @@ def test_batch_arithmetic_and_deepspeed_injection(world, tmp_path):
     assert detect_launch(ds, env).mode == detect_launch(ds, {}).mode == "deepspeed"
 
 
-def test_hub_names_resolve_to_a_cached_snapshot(world, tmp_path, monkeypatch):
-    """`model.llm: org/name` is fetched with huggingface_hub (faked here: no network) and `~` is expanded."""
-    import huggingface_hub
-
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: calls.append(name) or str(world / "llm"))
+def test_model_paths_are_local_folders_only(world, tmp_path, monkeypatch):
+    """`~` is expanded; a hub name is not fetched (nothing is downloaded at run time) but refused in one line.
+    tests/test_run_safety.py runs the same with networking blocked."""
     monkeypatch.setenv("HOME", str(world))
-    run = resolve_model_paths(tiny_run(world, tmp_path, "model.llm=lmsys/vicuna-7b-v1.5", "model.semhitok=~/semhitok"),
-                              detect_launch(tiny_run(world, tmp_path).train, {}))  # fmt: skip
-    assert calls == ["lmsys/vicuna-7b-v1.5"] and run.model.llm == str(world / "llm")
-    assert run.model.semhitok == str(world / "semhitok")
-    assert is_hub_name("Qwen/Qwen2.5-7B-Instruct") and not any(map(is_hub_name, ("runs/mllm/x", "/abs/x", "./x", "x")))
+    run = resolve_model_paths(tiny_run(world, tmp_path, "model.llm=~/llm", "model.semhitok=~/semhitok"))
+    assert run.model.llm == str(world / "llm") and run.model.semhitok == str(world / "semhitok")
+    with pytest.raises(ConfigError, match=r"^not found: model.llm: lmsys/vicuna-7b-v1.5 \(nothing is downloaded"):
+        resolve_model_paths(tiny_run(world, tmp_path, "model.llm=lmsys/vicuna-7b-v1.5"))
 
 
 def test_lr_schedule_warms_up_then_follows_the_cosine(world, tmp_path):

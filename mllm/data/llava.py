@@ -10,7 +10,6 @@ Errors name the sample index and id. Samples whose placeholder count does not ma
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from semhitok import DEFAULT_MAX_PIXELS, BadItem, ImageLoadError, load_image, read_jsonl, to_tensor
+from semhitok import DEFAULT_MAX_PIXELS, BadItem, ImageLoadError, load_image, read_json, read_jsonl, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +94,7 @@ def load_llava(path: str | os.PathLike) -> list[LlavaSample]:
     if path.suffix == ".jsonl":
         raw = [rec for _, rec in read_jsonl(path)]
     else:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = read_json(path)
         if not isinstance(raw, list):
             raise LlavaFormatError(f"{path}: expected a JSON list of samples, got {type(raw).__name__}")
     try:

@@ -1,9 +1,12 @@
 """Resumable training checkpoints, model-agnostic (the tokenizer and the MLLM trainers both use them). No pickle.
 
 Layout: `run_dir/checkpoints/step-000123/` holds one `<group>.safetensors` per tensor group (model, EMA,
-optimizer, discriminator, ..., and `rng`), `meta.json`, and a `COMPLETE` marker written last. The folder is built
-in a hidden sibling and renamed into place (`atomic_folder`), so readers only ever see complete checkpoints;
-`latest_checkpoint` still requires the marker and ignores hidden leftovers of killed writers.
+optimizer, discriminator, ..., and `rng`), `meta.json`, and a `COMPLETE` marker written last with the size and
+SHA-256 of every file. The folder is built in a hidden sibling and renamed into place (`atomic_folder`), and old
+ones are renamed to a hidden name before they are deleted (`remove_folder`), so readers only ever see complete
+checkpoints; `latest_checkpoint` still requires the marker and ignores hidden leftovers of killed writers, which the
+run lock's holder deletes (`clean_leftovers`). `load_checkpoint` verifies the checksums; `load_resume_point` falls
+back from a damaged newest checkpoint to the newest intact one.
 
 Nested non-tensor state (a torch optimizer's `state_dict()`, RNG states) is flattened by `flatten_state` into
 `{key: Tensor}` plus a JSON skeleton of the structure, itself stored as a uint8 tensor, so every group is a plain
@@ -12,26 +15,31 @@ safetensors file and `unflatten_state` rebuilds the object exactly (int dict key
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from semhitok.atomic import atomic_folder
+from semhitok.atomic import atomic_folder, remove_folder, remove_leftovers
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 META = "meta.json"
 RNG_GROUP = "rng"
 STRUCTURE_KEY = "__structure__"
+DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint found on resume is moved to `damaged-step-XXXXXX`
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -134,21 +142,48 @@ def save_checkpoint(
     keep_last: int = 0,
 ) -> Path:
     """Write `run_dir/checkpoints/step-XXXXXX/` atomically: one safetensors file per group of `tensors`, the
-    calling process's RNG states (group `rng`), `meta.json` (JSON-able `meta` + step), then `COMPLETE`.
-    Keeps the newest `keep_last` complete checkpoints (0 = all). Returns the folder."""
+    calling process's RNG states (group `rng`), `meta.json` (JSON-able `meta` + step), then `COMPLETE` (the size and
+    SHA-256 of every file). Keeps the newest `keep_last` complete checkpoints (0 = all). Returns the folder.
+    A failed write (disk full, ...) raises CheckpointError; the half-written copy is removed, older ones stay."""
     if RNG_GROUP in tensors:
         raise ValueError(f"tensor group name {RNG_GROUP!r} is reserved for the RNG states")
     groups = {**tensors, RNG_GROUP: flatten_state(rng_state())}
     path = checkpoint_dir(run_dir, step)
-    with atomic_folder(path) as tmp:
-        for name, group in groups.items():
-            save_file(_detached_unshared(group), str(tmp / f"{name}.safetensors"))
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1))
-        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}))  # last: marks the folder complete
+    try:
+        with atomic_folder(path) as tmp:
+            _write_groups(tmp, groups)
+            (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1))
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}))  # last: marks it complete
+    except (OSError, SafetensorError) as err:
+        kept = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {kept} is intact" if kept else "there is no earlier checkpoint"
+        raise CheckpointError(f"could not write checkpoint {path}: {_reason(err)} (the half-written copy is "
+                              f"removed; {kept})") from None  # fmt: skip
     if keep_last > 0:
         prune_checkpoints(run_dir, keep_last)
     return path
+
+
+def _write_groups(folder: Path, groups: dict[str, dict[str, Tensor]]) -> None:
+    for name, group in groups.items():
+        save_file(_detached_unshared(group), str(folder / f"{name}.safetensors"))
+
+
+def _reason(err: Exception) -> str:
+    """'no space left on device' (ENOSPC, also when safetensors reports it), else the OS's words or the message."""
+    text = getattr(err, "strerror", None) or str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "StorageFull" in text or "No space left" in text:
+        return "no space left on device"
+    return text
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _detached_unshared(group: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -179,23 +214,94 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
-    """-> (tensor groups on CPU incl. `rng`, meta). Checks the COMPLETE marker against the files on disk."""
+    """-> (tensor groups on CPU incl. `rng`, meta). Checks every file against the COMPLETE marker (size and SHA-256;
+    markers written before checksums: size only); CheckpointError names what is wrong."""
     path = Path(path)
-    marker = path / COMPLETE
-    if not marker.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    files = json.loads(marker.read_text())["files"]
-    wrong = [f"{name} (expected {size} bytes)" for name, size in files.items()
-             if not (path / name).is_file() or (path / name).stat().st_size != size]
+    files = _marked_files(path)
+    problems = {name: _file_problem(path / name, expected) for name, expected in files.items()}
+    wrong = [f"{name} ({problem})" for name, problem in problems.items() if problem]
     if wrong:
         raise CheckpointError(f"checkpoint {path} is damaged: {', '.join(wrong)}")
-    groups = {Path(name).stem: load_file(str(path / name)) for name in files if name.endswith(".safetensors")}
-    return groups, json.loads((path / META).read_text())
+    try:
+        groups = {Path(name).stem: load_file(str(path / name)) for name in files if name.endswith(".safetensors")}
+        return groups, json.loads((path / META).read_text())
+    except (OSError, SafetensorError, ValueError) as err:  # only for old markers without checksums
+        raise CheckpointError(f"checkpoint {path} is damaged: {err}") from None
+
+
+def _marked_files(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker's {file name: {"bytes", "sha256"}} (or {file name: bytes} in markers before checksums)."""
+    try:
+        return json.loads((path / COMPLETE).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} is damaged: unreadable {COMPLETE} marker ({err})") from None
+
+
+def _file_problem(file: Path, expected: dict[str, Any] | int) -> str:
+    """What is wrong with one file of a checkpoint ("" if nothing)."""
+    size, sha = (expected, None) if isinstance(expected, int) else (expected["bytes"], expected["sha256"])
+    if not file.is_file():
+        return "missing"
+    if file.stat().st_size != size:
+        return f"{file.stat().st_size} bytes, expected {size}"
+    return "checksum mismatch" if sha is not None and _sha256(file) != sha else ""
+
+
+def load_resume_point(
+    run_dir: str | os.PathLike, owner: bool = True, log: Callable[[str], None] = print
+) -> tuple[Path, dict[str, dict[str, Tensor]], dict[str, Any]] | None:
+    """The newest intact checkpoint of `run_dir`, loaded: (folder, tensor groups, meta); None if the run has none.
+    A damaged newer one is skipped; the `owner` of the run folder (the run lock's holder) logs a warning line naming
+    it and moves it aside to `checkpoints/damaged-step-XXXXXX`, so that pruning never keeps it in place of good ones.
+    CheckpointError if every checkpoint is damaged."""
+    damaged = []
+    for path in reversed(complete_checkpoints(run_dir)):
+        try:
+            groups, meta = load_checkpoint(path)
+        except CheckpointError as err:
+            damaged.append((path, err))
+            continue
+        for bad, err in damaged if owner else ():
+            aside = _set_aside(bad)
+            log(f"warning: {err}; resuming from {path} instead (the damaged one is moved to {aside})")
+        return path, groups, meta
+    if damaged:
+        errors = "; ".join(str(e) for _, e in damaged[:3]) + (f"; {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        raise CheckpointError(f"every checkpoint of {run_dir} is damaged ({errors}): move them away to start over")
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `damaged-step-XXXXXX` (`-2`, `-3`, ... if taken), out of every listing."""
+    aside, n = path.with_name(f"{DAMAGED_PREFIX}{path.name}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{n}")
+    path.replace(aside)
+    return aside
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and hidden leftovers of interrupted writes."""
+    """Delete all but the newest `keep_last` complete checkpoints, each renamed to a hidden name first, so a kill
+    midway leaves a hidden leftover (see `clean_leftovers`), never a partial `step-XXXXXX` folder."""
     for path in complete_checkpoints(run_dir)[:-keep_last]:
+        remove_folder(path)
+
+
+def clean_leftovers(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete what killed runs left in `run_dir`: hidden temp / deleting folders of atomic writes (checkpoints and
+    `run_dir`'s own exports) and `step-XXXXXX` folders without a COMPLETE marker. Returns them. Only the holder of
+    the run folder's lock (`semhitok.runlock`) may call this: a live writer's temp folder looks the same."""
+    root = Path(run_dir) / CHECKPOINTS
+    incomplete = [p for p in root.iterdir() if _unfinished(p)] if root.is_dir() else []
+    for path in incomplete:
         shutil.rmtree(path, ignore_errors=True)
-    for leftover in (Path(run_dir) / CHECKPOINTS).glob(".step-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    return [*remove_leftovers(run_dir), *incomplete]
+
+
+def _unfinished(path: Path) -> bool:
+    """A hidden temp / deleting checkpoint folder, or a step folder without its COMPLETE marker."""
+    hidden, step = path.name.startswith(".step-"), _STEP_DIR.fullmatch(path.name) is not None
+    return path.is_dir() and (hidden or step and not (path / COMPLETE).is_file())

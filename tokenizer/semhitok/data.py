@@ -33,6 +33,7 @@ __all__ = [
     "SkipCounter",
     "collate_skip_bad",
     "load_image",
+    "read_json",
     "read_jsonl",
     "resize_center_crop",
     "to_pil",
@@ -315,6 +316,20 @@ class ImageFolderDataset(_ImageFileDataset):
 
     def _fields(self, index: int) -> dict[str, Any]:
         return {"label": self.targets[index]}
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A whole JSON file (e.g. a LLaVA .json list) -> its value. Errors are one line naming the file, line and column;
+    a file that ends inside the value (a truncated download or copy) says so."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        truncated = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")  # the parser hit the end
+        hint = "; the file ends early (truncated?)" if truncated else ""
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: "
+                         f"{e.msg.removesuffix(' starting at')}{hint}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:

@@ -13,7 +13,7 @@ blocks to a student (`student_init_state`), in the naming of `modules.PatchViT`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -93,7 +93,8 @@ class InceptionTeacher(Teacher):
 
     Its stages are run one by one: `mixed_7` (768, 17x17), `mixed_10` (2048, 8x8), `pool2` (2048 pool3 for FID).
     It was trained at 299 px (the FID and perceptual-loss input); `cfg.image_size` sets the input side (>= 75), e.g.
-    155 px gives `mixed_7` at 8x8 for a quarter of the cost. Input is scaled as (x - 128) / 128 from [0, 255]."""
+    155 px gives `mixed_7` at 8x8 for a quarter of the cost; `pool_features` (rFID) always runs at 299 px. Input is
+    scaled as (x - 128) / 128 from [0, 255]."""
 
     def __init__(self, cfg: TeacherConfig, grid: int):
         super().__init__(cfg, grid)
@@ -111,18 +112,21 @@ class InceptionTeacher(Teacher):
     def dim(self) -> int:
         return INCEPTION_LAYERS[self.cfg.layer]
 
-    def preprocess(self, images: Tensor) -> Tensor:
+    def preprocess(self, images: Tensor, size: int | None = None) -> Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> (B, 3, size, size) as (255 x - 128) / 128, bilinear resize to `size`
+        (default cfg.image_size)."""
         x = (images.float() + 1.0) / 2.0  # [0, 1]
-        size = (self.cfg.image_size, self.cfg.image_size)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        side = size or self.cfg.image_size
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         return x * (255.0 / 128.0) - 1.0  # (255 x - 128) / 128
 
-    def feature_maps(self, images: Tensor, names: list[str] | tuple[str, ...]) -> dict[str, Tensor]:
-        """Activations of the named stages (e.g. "mixed_2", "mixed_7", "pool2"), differentiable w.r.t. images."""
+    def feature_maps(self, images: Tensor, names: Sequence[str], size: int | None = None) -> dict[str, Tensor]:
+        """Activations of the named stages (e.g. "mixed_2", "mixed_7", "pool2"), differentiable w.r.t. images;
+        the input is resized to `size` (default cfg.image_size)."""
         unknown = sorted(set(names) - set(self.stage_names))
         if unknown:
             raise ValueError(f"unknown Inception stage(s) {unknown}; available: {self.stage_names}")
-        x, out, stages = self.preprocess(images), {}, self.net.net.layers
+        x, out, stages = self.preprocess(images, size), {}, self.net.net.layers
         for name in self.stage_names[: max(self.stage_names.index(n) for n in names) + 1]:
             x = getattr(stages, name)(x)
             if name in names:
@@ -133,8 +137,9 @@ class InceptionTeacher(Teacher):
         return self.feature_maps(images, [self.cfg.layer])[self.cfg.layer]
 
     def pool_features(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> pool3 features (B, 2048), the rFID statistics space."""
-        return self.feature_maps(images, ["pool2"])["pool2"].flatten(1)
+        """images (B, 3, H, W) in [-1, 1] -> pool3 features (B, 2048), the rFID statistics space. Always computed at
+        Inception's own 299 px input (the FID protocol), whatever cfg.image_size the teacher features use."""
+        return self.feature_maps(images, ["pool2"], size=INCEPTION_INPUT)["pool2"].flatten(1)
 
 
 def _packaged_inception() -> Path:

@@ -8,7 +8,8 @@ A run lives in `out_dir`: `config.yaml` (the resolved run config), `log.jsonl`, 
 (originals over reconstructions; stage 1 has no meaningful pixel decoder, so it logs the holdout cosine to the
 teacher instead), `checkpoints/step-XXXXXX/` and, at the end, `model/` (`SemHiTok.save_pretrained`, EMA weights
 when `train.ema_decay > 0`). Starting a run whose `out_dir` holds a complete checkpoint resumes it exactly
-(model, EMA, optimizers, discriminator, step, RNG, data order); a resume with a different config is refused.
+(model, EMA, optimizers, discriminator, step, RNG, data order) from the newest intact one; a resume with a different
+config is refused. One run at a time owns `out_dir` (`semhitok.runlock`); a second one is refused with one line.
 Under `torchrun` (RANK / WORLD_SIZE set) the run is data-parallel (gloo on CPU, nccl on CUDA); rank 0 logs and saves.
 """
 
@@ -43,8 +44,7 @@ from tqdm import tqdm
 from semhitok.checkpoint import (
     CheckpointError,
     flatten_state,
-    latest_checkpoint,
-    load_checkpoint,
+    load_resume_point,
     restore_optimizer,
     restore_rng,
     save_checkpoint,
@@ -65,10 +65,12 @@ from semhitok.losses import (
 )
 from semhitok.metrics import psnr
 from semhitok.model import STAGES, SemHiTok
+from semhitok.runlock import hold_run_folder
 from semhitok.teachers import Teacher, build_teacher
 from semhitok.types import QuantizerOutput
 
 NUM_SAMPLES = 8  # holdout images in every sample grid / holdout evaluation
+MAX_EMPTY_BATCHES = 1000  # consecutive batches without a usable sample that stop a run (or one epoch, if fewer)
 # Keys a resumed run may change: they steer the loop's cadence, not what it computes.
 RESUMABLE_CHANGES = ("out_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                      "train.keep_last", "train.data.num_workers")
@@ -112,6 +114,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     disc_lr: float = 1e-4
 
+    def __post_init__(self) -> None:
+        check_lr("train.optim.lr", self.lr)
+        check_lr("train.optim.disc_lr", self.disc_lr)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -136,8 +142,11 @@ class TrainConfig:
         object.__setattr__(self, "stage", str(self.stage))  # normalise 2 -> "2"
         if self.stage not in STAGES:
             raise ValueError(f"train.stage must be one of {list(STAGES)}, got {self.stage!r}")
-        if self.log_every < 1 or min(self.steps, self.ckpt_every, self.sample_every, self.keep_last) < 0:
-            raise ValueError("train.log_every must be >= 1; steps, ckpt_every, sample_every, keep_last >= 0")
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps} (a run without steps exports an untrained "
+                             "model)")
+        if self.log_every < 1 or min(self.ckpt_every, self.sample_every, self.keep_last) < 0:
+            raise ValueError("train.log_every must be >= 1; ckpt_every, sample_every, keep_last >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -155,6 +164,12 @@ class TokenizerRunConfig:
             raise ValueError("out_dir must be set")
         if self.model.pixel.use_enhance_decoder:
             raise ValueError("model.pixel.use_enhance_decoder is set by stage 2b itself; leave it false")
+
+
+def check_lr(key: str, lr: float) -> None:
+    """A learning rate is a finite number > 0 (both trainers' configs)."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{key} must be a finite number > 0, got {lr}")
 
 
 def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TokenizerRunConfig:
@@ -316,6 +331,35 @@ def image_grid(rows: Sequence[Tensor]) -> Image.Image:
     return to_pil(torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1))
 
 
+def console(text: str, bar: tqdm) -> None:
+    """One line on stdout that does not break `bar`'s progress display."""
+    if bar.disable:
+        print(text, flush=True)
+    else:
+        bar.write(text)
+
+
+def skipped_line(step: int, skipped: int, skips: SkipCounter) -> str:
+    """The console line of a log step whose interval skipped samples: how many, and why (a few files and reasons)."""
+    return f"step {step}: {skipped} sample(s) skipped since the last log; {skips.summary(max_files=3)}"
+
+
+@dataclass
+class EmptyBatches:
+    """Counts consecutive batches without a usable sample (on some rank). `limit` of them in a row (both trainers:
+    one epoch, at most MAX_EMPTY_BATCHES) mean the data cannot train: ConfigError saying how many samples were
+    skipped and why, instead of drawing batches forever."""
+
+    limit: int
+    count: int = 0
+
+    def update(self, usable: bool, skips: SkipCounter) -> None:
+        self.count = 0 if usable else self.count + 1
+        if self.count >= self.limit:
+            raise ConfigError(f"no usable training sample in {self.count} consecutive batches: "
+                              f"{skips.summary(max_files=3)}")
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -426,17 +470,17 @@ class TokenizerTrainer:
         self._seed(self.t.seed)
         train_set, holdout = build_datasets(self.t.data, self.cfg.image_size)
         self._build_loader(train_set)
-        ckpt = latest_checkpoint(self.out)
-        self.raw = build_model(run, resuming=ckpt is not None).to(self.device).train()
+        found = load_resume_point(self.out, owner=self.info.is_main)
+        self.raw = build_model(run, resuming=found is not None).to(self.device).train()
         self.params = prepare_stage(self.raw, self.stage)
         self._build_optimizers()
-        if ckpt is not None:
-            self._resume(ckpt)
+        if found is not None:
+            self._resume(*found)
         self.model = _wrap_ddp(self.raw, self.device, sync_buffers=False)  # quantizers sync their own statistics
         self.disc = _wrap_ddp(self.raw_disc, self.device) if self.raw_disc is not None else None
         self.samples = first_images(holdout if len(holdout) else train_set, NUM_SAMPLES) if self.info.is_main else None
         if self.info.is_main:
-            self._start_files(len(train_set), len(holdout), ckpt)
+            self._start_files(len(train_set), len(holdout), found[0] if found else None)
 
     # ---------------------------------------------------------------- set-up
 
@@ -483,8 +527,7 @@ class TokenizerTrainer:
                 "num_skipped": self.skips.num_skipped, "config": to_dict(self.run)}
         return groups, meta
 
-    def _resume(self, path: Path) -> None:
-        groups, meta = load_checkpoint(path)
+    def _resume(self, path: Path, groups: dict[str, dict[str, Tensor]], meta: dict[str, Any]) -> None:
         diff = config_diff(meta["config"], to_dict(self.run), RESUMABLE_CHANGES)
         if diff:
             raise ConfigError(f"{self.out} holds a run with a different config (checkpoint vs now): {'; '.join(diff)}. "
@@ -518,13 +561,15 @@ class TokenizerTrainer:
         bar = tqdm(total=self.t.steps, initial=self.step, disable=not (self.info.is_main and sys.stderr.isatty()))
         sums: dict[str, tuple[Tensor, int]] = {}  # metric -> (sum, steps that reported it) since the last log
         count, skipped, tick = 0, 0, time.perf_counter()
-        batches = self._batches()
+        batches, empty = self._batches(), EmptyBatches(min(self.per_epoch, MAX_EMPTY_BATCHES))
         while self.step < self.t.steps:
             batch = next(batches)
             self.batches_seen += 1
             self.skips.update(batch)
             skipped += batch["num_skipped"]
-            if _all_reduce(batch["batch_size"], self.device, "min") == 0:
+            usable = _all_reduce(batch["batch_size"], self.device, "min") > 0
+            empty.update(usable, self.skips)
+            if not usable:
                 continue  # every item of some rank's batch failed to load: all ranks skip it together
             for k, v in self.train_step(batch["image"].to(self.device, non_blocking=True)).items():
                 total, n = sums.get(k, (0.0, 0))
@@ -539,6 +584,8 @@ class TokenizerTrainer:
             if self.t.ckpt_every and self.step % self.t.ckpt_every == 0:
                 self.save()
         bar.close()
+        if self.info.is_main and self.skips.num_skipped:
+            print(f"stage {self.stage} done: {self.skips.summary()}", flush=True)
         if self.saved_step != self.step:
             self.save()
 
@@ -619,6 +666,8 @@ class TokenizerTrainer:
         if bar.disable:
             print(f"step {self.step}/{self.t.steps} loss {record['loss']:.4f} {record['sec_per_step']:.3f} s/step",
                   flush=True)
+        if skipped:
+            console(skipped_line(self.step, skipped, self.skips), bar)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -660,11 +709,12 @@ def train(run: TokenizerRunConfig) -> Path:
     joined = not dist.is_initialized()
     info, device = init_distributed(run.train.device)
     try:
-        trainer = TokenizerTrainer(run, info, device)
-        trainer.fit()
-        model_dir = trainer.export()
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears the group down while another still has collectives in flight
+        with hold_run_folder(run.out_dir, info.is_main, device):  # one run per out_dir
+            trainer = TokenizerTrainer(run, info, device)
+            trainer.fit()
+            model_dir = trainer.export()
+            if dist.is_initialized():
+                dist.barrier()  # no rank tears the group down while another still has collectives in flight
         return model_dir
     finally:
         if joined and dist.is_initialized():
