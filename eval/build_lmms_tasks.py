@@ -21,7 +21,7 @@ from mllm.lmms_tasks import (
     write_task,
 )
 from mllm.synthetic.dataset import write_dataset
-from semhitok.cli import Parser, fail, int_in, positive_int
+from semhitok.runtime import Parser, fail, int_in, positive_int
 
 DEFAULT_OUT = Path("outputs/lmms_tasks")
 

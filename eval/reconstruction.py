@@ -15,13 +15,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from semhitok.assets import AssetError
-from semhitok.cli import Parser, positive_int
-from semhitok.configio import ConfigError
-from semhitok.data import ImageFolderDataset, collate_skip_bad
-from semhitok.distributed import resolve_device
 from semhitok.metrics import PROTOCOL, evaluate_reconstruction, fid_features_for
 from semhitok.model import SemHiTok
+from semhitok.runtime import (
+    AssetError,
+    ConfigError,
+    ImageFolderDataset,
+    Parser,
+    collate_skip_bad,
+    positive_int,
+    resolve_device,
+)
 from semhitok.train import build_datasets, image_grid, load_run_config
 
 NUM_EXAMPLES = 8

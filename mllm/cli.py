@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 from transformers.utils import logging as hf_logging
 
 from mllm.sampling import Inference, InferenceError, SamplingConfig, load_for_inference
-from semhitok import AssetError, ImageLoadError, fail, resolve_device, to_pil
+from semhitok.runtime import AssetError, ImageLoadError, fail, resolve_device, to_pil
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "mllm"  # the shipped demo MLLM (docs/demo.md)
 USER_ERRORS = (InferenceError, ImageLoadError, AssetError, OSError, ValueError)  # ConfigError, VocabError: ValueError

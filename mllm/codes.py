@@ -34,14 +34,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from semhitok import (
+from semhitok import SemHiTok, SemHiTokConfig, TokenGrid
+from semhitok.runtime import (
     IMAGE_EXTENSIONS,
     BadItem,
     ImageLoadError,
-    SemHiTok,
-    SemHiTokConfig,
     SkipCounter,
-    TokenGrid,
     collate_skip_bad,
     load_image,
     read_json,

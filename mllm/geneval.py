@@ -26,7 +26,7 @@ from PIL import Image
 
 from mllm.sampling import Inference, SamplingConfig, generate_images
 from mllm.synthetic import COLORS, GENEVAL_TAGS, SHAPES, sample_geneval_entries, score_geneval
-from semhitok import read_jsonl, to_pil
+from semhitok.runtime import read_jsonl, to_pil
 
 Generator = Callable[[list[str], int, int], list[Image.Image]]  # (prompts, n, seed) -> P·n images, prompt-major
 Scorer = Callable[[dict, Image.Image], tuple[bool, str]]

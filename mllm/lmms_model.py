@@ -7,8 +7,8 @@ lmms-eval's `generate_until` requests in left-padded batches.
 Code shipped with the checkpoint runs only with model_args `trust_remote_code=True` (run_lmms: --trust-remote-code).
 
 A request is (question text, gen_kwargs, doc_to_visual, doc_id, task, split). Its image (at most one) is resized and
-centre-cropped like `semhitok.load_image` does, encoded by the checkpoint's SemHiTok, and placed in the first user
-turn of the model's conversation template (`ChatSession.prompt_ids`). Requests with the same gen_kwargs are decoded
+centre-cropped like `semhitok.runtime.load_image` does, encoded by the checkpoint's SemHiTok, and placed in the first
+user turn of the model's conversation template (`ChatSession.prompt_ids`). Requests with the same gen_kwargs are decoded
 together, longest prompt first, `batch_size` at a time (`generate_texts`): greedy at temperature 0 or do_sample
 False, else sampled with row r of a batch seeded `seed + r`. Generation ends at eos / end of turn, max_new_tokens or
 the context; the answer is cut at the first `until` string.
@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mllm.sampling import ChatSession, SamplingConfig, check_length, generate_texts, load_for_inference
-from semhitok import resize_center_crop, resolve_device, to_rgb, to_tensor
+from semhitok.runtime import resize_center_crop, resolve_device, to_rgb, to_tensor
 
 GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "num_beams"}
 
@@ -57,8 +57,8 @@ def stop_strings(gen_kwargs: dict[str, Any]) -> list[str]:
 
 
 def image_pixels(image: Image.Image, size: int) -> Tensor:
-    """PIL image -> (3, size, size) float32 in [-1, 1], by the conventions of `semhitok.load_image`: EXIF orientation,
-    8-bit RGB (transparency on white), short side resized to `size`, centre crop."""
+    """PIL image -> (3, size, size) float32 in [-1, 1], by the conventions of `semhitok.runtime.load_image`: EXIF
+    orientation, 8-bit RGB (transparency on white), short side resized to `size`, centre crop."""
     return to_tensor(resize_center_crop(to_rgb(ImageOps.exif_transpose(image)), size))
 
 

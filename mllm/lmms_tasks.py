@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from mllm.synthetic.questions import POPE_STRATEGIES, pope_pairs
-from semhitok import read_jsonl
+from semhitok.runtime import read_jsonl
 
 POPE_FEATURES = {"question_id": "string", "question": "string", "answer": "string", "image": "image",
                  "image_source": "string", "category": "string"}  # fmt: skip

@@ -34,7 +34,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ from mllm.assets import resolve_reference
 from mllm.conversation import IGNORE_INDEX
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab, VocabError
-from semhitok import ConfigError, SemHiTok, TokenGrid, atomic_folder, from_dict, save_config, to_dict
+from semhitok import SemHiTok, TokenGrid
+from semhitok.runtime import ConfigError, atomic_folder, from_dict, save_config, to_dict
 
 CONFIG_NAME, VOCAB_NAME, PARTS_NAME = "mllm_config.json", "vocab.json", "mllm_parts.safetensors"
 LORA_DIR, LORA_WEIGHTS, LLM_DIR = "lora", "adapter_model.safetensors", "llm"  # LORA_WEIGHTS: PEFT's file name
@@ -76,6 +78,7 @@ class MLLMConfig:
 
     llm: str  # local HF folder of the base causal LM
     semhitok: str  # SemHiTok checkpoint folder (config.json + model.safetensors)
+    image_grid: tuple[int, int] | None = None  # (h, w) token grid of that SemHiTok; None: taken from it when built
     text_tokenizer: str = ""  # local tokenizer folder; "" = the llm folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # training: let transformers run the base LLM's own code (never read on load)
@@ -96,6 +99,11 @@ class MLLMConfig:
         if self.loss_chunk_size < 1 or self.head_width < 0:
             got = f"{self.loss_chunk_size}, {self.head_width}"
             raise ValueError(f"loss_chunk_size must be >= 1 and head_width >= 0, got {got}")
+        if self.image_grid is not None and (len(self.image_grid) != 2 or min(self.image_grid) < 1):
+            raise ValueError(f"image_grid must be (h, w) with h, w >= 1, got {self.image_grid}")
+
+
+ADDED_KEYS = ("image_grid",)  # newer than some saved checkpoints: filled from their SemHiTok when they load
 
 
 def read_config(path: Path) -> MLLMConfig:
@@ -104,7 +112,7 @@ def read_config(path: Path) -> MLLMConfig:
         raise FileNotFoundError(f"missing {path.name} in {path.parent}")
     data = json.loads(path.read_text())
     config = from_dict(MLLMConfig, data)
-    missing = _missing_keys(to_dict(config), data)
+    missing = [k for k in _missing_keys(to_dict(config), data) if k not in ADDED_KEYS]
     if missing:  # a default silently filling a saved key would change the model
         raise ConfigError(f"{path}: missing key(s) {missing}")
     return config
@@ -149,8 +157,25 @@ class DualMLPAdapter(nn.Module):
         return self.proj(torch.cat([self.mlp_sem(emb_sem), self.mlp_pix(emb_pix)], dim=-1))
 
 
+Choose = Callable[[Tensor], Tensor]  # class logits (G*R, C) -> (R,) int64 classes: the sampler's guide + draw
+
+
+class ImageHead(Protocol):
+    """What the model and the sampler use of an image head; its classes are flat code indices f in [0, K*m)."""
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(…, D) -> (…, K*m) logits in flat index order."""
+
+    def loss_sum(self, hidden: Tensor, index: Tensor) -> Tensor:
+        """Summed negative log-likelihood of (N, D) hidden states for flat code indices (N,)."""
+
+    def sample(self, hidden: Tensor, choose: Choose) -> Tensor:
+        """hidden (G*R, D): G groups of rows continuing the same R images (e.g. conditional, then unconditional rows)
+        -> flat code indices (R,) int64, every class decision made by `choose` on logits of all G*R rows."""
+
+
 class FlatImageHead(nn.Module):
-    """hidden (…, D) -> logits over all K*m image codes, class f = i*m + j."""
+    """hidden (…, D) -> logits over all K*m image codes, class = flat index f (`TokenGrid.flat_index`)."""
 
     def __init__(self, hidden: int, K: int, m: int):  # noqa: N803 (glossary names)
         super().__init__()
@@ -163,6 +188,10 @@ class FlatImageHead(nn.Module):
     def loss_sum(self, hidden: Tensor, index: Tensor) -> Tensor:
         """Summed CE of (N, D) hidden states against flat code indices (N,)."""
         return F.cross_entropy(self.logits(hidden).float(), index, reduction="sum")
+
+    def sample(self, hidden: Tensor, choose: Choose) -> Tensor:
+        """One choice over all K*m codes (see `ImageHead.sample`)."""
+        return choose(self.logits(hidden))
 
 
 class FactorizedImageHead(nn.Module):
@@ -189,19 +218,33 @@ class FactorizedImageHead(nn.Module):
         every_i = torch.arange(self.semantic_embed.num_embeddings, device=hidden.device)
         log_j = self.texture_logits(hidden.unsqueeze(-2), every_i).log_softmax(-1)  # (…, K, m)
         log_i = self.semantic_logits(hidden).log_softmax(-1).unsqueeze(-1)  # (…, K, 1)
-        return (log_i + log_j).flatten(-2)  # (…, K*m), class i*m + j
+        return (log_i + log_j).flatten(-2)  # (…, K*m): (K, m) row-major is flat index order
 
     def loss_sum(self, hidden: Tensor, index: Tensor) -> Tensor:
         """Summed -log p(i) - log p(j | i) of (N, D) hidden states for flat code indices (N,)."""
-        i, j = index.div(self.m, rounding_mode="floor"), index.remainder(self.m)
+        i, j = TokenGrid.split_index(index, self.m)
         loss_i = F.cross_entropy(self.semantic_logits(hidden).float(), i, reduction="sum")
         return loss_i + F.cross_entropy(self.texture_logits(hidden, i).float(), j, reduction="sum")
 
+    def sample(self, hidden: Tensor, choose: Choose) -> Tensor:
+        """i chosen from the semantic logits, then j from the texture logits given that i (every group of rows is
+        given the same i) -> flat indices (R,) (see `ImageHead.sample`)."""
+        i = choose(self.semantic_logits(hidden))  # (R,)
+        given = i.repeat(hidden.shape[0] // i.shape[0])  # (G*R,)
+        return TokenGrid.flat_index(i, choose(self.texture_logits(hidden, given)), self.m)
+
+
+IMAGE_HEADS: Mapping[str, Callable[..., ImageHead]] = MappingProxyType({
+    "flat": lambda config, hidden, K, m: FlatImageHead(hidden, K, m),  # noqa: N803
+    "factorized": lambda config, hidden, K, m: FactorizedImageHead(hidden, K, m, config.head_width or hidden),  # noqa: N803
+})  # fmt: skip
+
 
 def build_image_head(config: MLLMConfig, hidden: int, K: int, m: int) -> nn.Module:  # noqa: N803
-    if config.head == "flat":
-        return FlatImageHead(hidden, K, m)
-    return FactorizedImageHead(hidden, K, m, config.head_width or hidden)
+    """The image head `config.head` names (`IMAGE_HEADS`); ConfigError for any other name."""
+    if config.head not in IMAGE_HEADS:
+        raise ConfigError(f"head: {config.head!r} is not one of {sorted(IMAGE_HEADS)}")
+    return IMAGE_HEADS[config.head](config, hidden, K, m)
 
 
 def chunked_loss(
@@ -247,15 +290,6 @@ class SpecialRows(nn.Module):
             output.weight[self.ids] = self.head.to(output.weight.dtype)
 
 
-def code_tables(semhitok: SemHiTok, vocab: VisualVocab) -> tuple[Tensor, Tensor]:
-    """Code vectors of every image id, in flat index order: (emb_sem (K*m, d_sem), emb_pix (K*m, d_pix))."""
-    g, n = semhitok.config.grid, vocab.num_image_ids
-    index = torch.arange(-(-n // g**2) * g**2) % n  # whole g x g grids; the wrapped tail is cut below
-    semantic, texture = vocab.split(vocab.index_to_ids(index))
-    emb_sem, emb_pix = semhitok.code_embeddings(TokenGrid(semantic.view(-1, g, g), texture.view(-1, g, g)))
-    return emb_sem.flatten(0, 2)[:n].cpu(), emb_pix.flatten(0, 2)[:n].cpu()  # (N, g, g, d) -> (K*m, d)
-
-
 def check_codes(vocab: VisualVocab, semhitok: SemHiTok, semhitok_dir: str, where: str) -> None:
     """The image ids/head of `where` and the SemHiTok checkpoint must agree on K and m."""
     K, m = semhitok.config.K, semhitok.config.m  # noqa: N806
@@ -264,6 +298,15 @@ def check_codes(vocab: VisualVocab, semhitok: SemHiTok, semhitok_dir: str, where
             f"{where} has K*m = {vocab.K}*{vocab.m} = {vocab.num_image_ids} image codes, but the SemHiTok checkpoint "
             f"{semhitok_dir} has K*m = {K}*{m} = {K * m}: the image ids and head were built for another tokenizer"
         )
+
+
+def with_image_grid(config: MLLMConfig, semhitok: SemHiTok) -> MLLMConfig:
+    """`config` with image_grid = the (h, w) token grid of `semhitok`; VocabError if it already names another one."""
+    grid = (semhitok.config.grid, semhitok.config.grid)
+    if config.image_grid is not None and tuple(config.image_grid) != grid:
+        raise VocabError(f"the model was built for a {config.image_grid} token grid, but the SemHiTok checkpoint "
+                         f"{config.semhitok} has a {grid} grid: it is another tokenizer")  # fmt: skip
+    return replace(config, image_grid=grid)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -280,12 +323,12 @@ class SemHiTokLM(nn.Module):
         check_codes(vocab, semhitok, config.semhitok, "the visual vocabulary")
         if vocab.wrap_understanding != config.wrap_understanding_images:
             raise VocabError("vocab.wrap_understanding and config.wrap_understanding_images differ")
-        self.config, self.vocab = config, vocab
+        self.config, self.vocab = with_image_grid(config, semhitok), vocab
         vocab.resize_model(llm)
         dtype, hidden = getattr(torch, config.dtype), llm.get_input_embeddings().embedding_dim
-        emb_sem, emb_pix = code_tables(semhitok, vocab)
-        self.register_buffer("code_sem", emb_sem.to(dtype), persistent=False)  # (K*m, d_sem), frozen
-        self.register_buffer("code_pix", emb_pix.to(dtype), persistent=False)  # (K*m, d_pix), frozen
+        emb_sem, emb_pix = semhitok.code_table()  # code vectors of every image id, in flat index order
+        self.register_buffer("code_sem", emb_sem.to("cpu", dtype), persistent=False)  # (K*m, d_sem), frozen
+        self.register_buffer("code_pix", emb_pix.to("cpu", dtype), persistent=False)  # (K*m, d_pix), frozen
         d_sem, d_pix = emb_sem.shape[1], emb_pix.shape[1]
         self.adapter = DualMLPAdapter(d_sem, d_pix, config.adapter_width_sem, config.adapter_width_pix, hidden)
         self.head = build_image_head(config, hidden, vocab.K, vocab.m)
@@ -351,7 +394,7 @@ class SemHiTokLM(nn.Module):
 
     def image_logits(self, hidden: Tensor) -> Tensor:
         """(…, D) -> (…, K*m) image logits in flat index order (`vocab.index_to_ids` maps them to ids).
-        The factorized head also offers the two-stage `head.semantic_logits(h)` / `head.texture_logits(h, i)`."""
+        Sampling draws through `head.sample` (`ImageHead`), which the factorized head does in two stages."""
         return self.head.logits(hidden)
 
     # ---------------------------------------------------------------- training
@@ -416,7 +459,14 @@ class SemHiTokLM(nn.Module):
         """Strict load of a `save_pretrained` / `export_merged` folder. `semhitok` overrides the tokenizer path.
         trust_remote_code: let transformers run Python code shipped with the checkpoint's LLM; the checkpoint's own
         field never does, and RemoteCodeError refuses a checkpoint whose field is true without this opt-in.
-        Missing files, unknown/missing keys, K*m mismatches and shape mismatches raise errors that name them."""
+        Missing files, unknown/missing keys, K*m or grid mismatches and shape mismatches raise errors naming them.
+        A checkpoint saved before mllm_config.json held `image_grid` gets it from its SemHiTok."""
+        return cls.from_pretrained_with_semhitok(directory, semhitok, trust_remote_code)[0]
+
+    @classmethod
+    def from_pretrained_with_semhitok(cls, directory: str | Path, semhitok: str | Path | None = None,
+                                      trust_remote_code: bool = False) -> tuple[SemHiTokLM, SemHiTok]:  # fmt: skip
+        """`from_pretrained`, also returning the SemHiTok it loaded (to encode / decode images): loaded once."""
         folder = Path(directory)
         if not folder.is_dir():
             raise FileNotFoundError(f"SemHiTokLM checkpoint folder not found: {folder}")
@@ -434,11 +484,12 @@ class SemHiTokLM(nn.Module):
         vocab = VisualVocab.load(folder / VOCAB_NAME)
         tok = SemHiTok.from_pretrained(config.semhitok)
         check_codes(vocab, tok, config.semhitok, f"the checkpoint {folder} (vocab.json, image head)")  # before the LLM
+        config = with_image_grid(config, tok)
         model = cls(config, _load_llm(config, trust_remote_code), vocab, tok)
         model._load_parts(folder / PARTS_NAME)
         if config.train_llm == "lora":
             model._load_lora(folder / LORA_DIR)
-        return model
+        return model, tok
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Atomically write the checkpoint folder (see module docstring); replaces `directory`. A fully trained LLM is

@@ -12,7 +12,7 @@ User text is plain text: a `<boi>`, `<eoi>` or `<image>` typed in a caption or q
 
 Image generation: every prompt row is left-padded into one batch (attention mask 0 on pads, position ids counted
 from each row's first real token), `<boi>` is forced, the prompts are prefilled once, then ONE token per step runs
-through the KV cache. Inside the image only the image head is evaluated (`image_logits`, K·m classes, or the
+through the KV cache. Inside the image only the image head is evaluated (`head.sample`: K·m classes, or the
 factorized head's i over K then j over m given i), so no text id can ever be sampled there; exactly h·w image ids are
 produced and `<eoi>` is implied (never sampled). Classifier-free guidance keeps a conditional and an unconditional
 row (the empty-caption prompt) per image in the same batch, both fed the id sampled for the image, and mixes
@@ -23,7 +23,6 @@ on the batch it is sampled in, and one seed reproduces a call exactly. Temperatu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,9 +35,10 @@ from torch import Tensor
 from mllm.conversation import GPT, HUMAN, get_template, tokenize_prompt
 from mllm.data.llava import IMAGE_PLACEHOLDER
 from mllm.data.mixture import GENERATION_PROMPT, generation_prompt_ids
-from mllm.model import CONFIG_NAME, FactorizedImageHead, SemHiTokLM
+from mllm.model import CONFIG_NAME, SemHiTokLM
 from mllm.vocab import VisualVocab
-from semhitok import SemHiTok, SemHiTokConfig, TokenGrid, load_image, to_tensor
+from semhitok import SemHiTok, TokenGrid
+from semhitok.runtime import load_image, to_tensor
 
 Progress = Callable[[Iterable[int]], Iterable[int]]  # e.g. tqdm: wraps the loop over image positions
 
@@ -116,15 +116,9 @@ def guide(logits: Tensor, scale: float, guided: bool) -> Tensor:
 
 def draw_image_index(model: SemHiTokLM, hidden: Tensor, scale: float, cfg: SamplingConfig,
                      generators: Sequence[torch.Generator], guided: bool) -> Tensor:  # fmt: skip
-    """Hidden states (R or 2R, D) -> flat code indices f = i·m + j (R,) in [0, K·m), from the image head only.
-    Factorized head: i from the guided semantic logits, then j from the guided texture logits given that i (the
-    uncond rows are given the same i)."""
-    if not isinstance(model.head, FactorizedImageHead):
-        return draw(guide(model.image_logits(hidden), scale, guided), cfg, generators)
-    i = draw(guide(model.head.semantic_logits(hidden), scale, guided), cfg, generators)  # (R,)
-    given = i.repeat(2) if guided else i
-    j = draw(guide(model.head.texture_logits(hidden, given), scale, guided), cfg, generators)
-    return i * model.vocab.m + j
+    """Hidden states (R or 2R, D) -> flat code indices (R,) in [0, K·m), from the image head only (`head.sample`:
+    every class choice the head makes, e.g. the factorized head's i then j given i, is guided and drawn here)."""
+    return model.head.sample(hidden, lambda logits: draw(guide(logits, scale, guided), cfg, generators))
 
 
 def make_generators(seed: int, n: int, device: torch.device) -> list[torch.Generator]:
@@ -238,15 +232,15 @@ def generate_images(model: SemHiTokLM, prompts: Sequence[str], cfg: SamplingConf
 
     tokenizer: the model's text tokenizer (default `model.load_text_tokenizer()`); template / prompt_format: how the
     model was trained (DataConfig.template / .prompt; "auto" = the tokenizer's chat template, else vicuna_v1);
-    grid: token grid side (default: from the model's SemHiTok checkpoint). InferenceError for an empty prompt or one
+    grid: token grid side (default: the model's `config.image_grid`). InferenceError for an empty prompt or one
     that does not fit the context with the image."""
     if not prompts:
         raise InferenceError("no prompts given")
     tokenizer = tokenizer if tokenizer is not None else model.load_text_tokenizer()
-    template, g = resolve_template(template, tokenizer), grid or semhitok_grid(model)
-    cond = [_generation_prompt(model, p, k, tokenizer, template, prompt_format, g * g) for k, p in enumerate(prompts)]
+    template, (h, w) = resolve_template(template, tokenizer), (grid, grid) if grid else model.config.image_grid
+    cond = [_generation_prompt(model, p, k, tokenizer, template, prompt_format, h * w) for k, p in enumerate(prompts)]
     uncond = generation_prompt_ids("", tokenizer, template, prompt_format) if cfg.cfg_scale != 1.0 else None
-    return model.vocab.from_ids(sample_image_ids(model, cond, uncond, g * g, cfg, progress).cpu(), g, g)
+    return model.vocab.from_ids(sample_image_ids(model, cond, uncond, h * w, cfg, progress).cpu(), h, w)
 
 
 def _generation_prompt(model: SemHiTokLM, caption: str, k: int, tokenizer, template: str, prompt_format: str,
@@ -273,14 +267,6 @@ def plain_specials(ids: Tensor, tokenizer, vocab: VisualVocab, placeholders: int
 def _plain_ids(tokenizer, token_id: int) -> list[int]:
     text = tokenizer.convert_ids_to_tokens(token_id)
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-
-def semhitok_grid(model: SemHiTokLM) -> int:
-    """Token grid side h = w of the SemHiTok checkpoint the model references (read from its config.json)."""
-    path = Path(model.config.semhitok) / "config.json"
-    if not path.is_file():
-        raise InferenceError(f"the model's SemHiTok checkpoint has no {path.name}: {path.parent}")
-    return SemHiTokConfig.from_dict(json.loads(path.read_text())).grid
 
 
 def resolve_template(name: str, tokenizer) -> str:
@@ -422,6 +408,5 @@ def load_for_inference(directory: str | Path, device: str | torch.device = "cpu"
         kind = "a SemHiTok tokenizer checkpoint" if (folder / "config.json").is_file() else "not a checkpoint"
         raise InferenceError(f"{folder} is {kind}, not an MLLM checkpoint (no {CONFIG_NAME}): pass the folder "
                              "SemHiTokLM.save_pretrained wrote, e.g. <train.out_dir>/model")  # fmt: skip
-    model = SemHiTokLM.from_pretrained(folder, trust_remote_code=trust_remote_code).to(device).eval()
-    semhitok = SemHiTok.from_pretrained(model.config.semhitok).to(device).eval()
-    return Inference(model, model.load_text_tokenizer(), semhitok)
+    model, semhitok = SemHiTokLM.from_pretrained_with_semhitok(folder, trust_remote_code=trust_remote_code)
+    return Inference(model.to(device).eval(), model.load_text_tokenizer(), semhitok.to(device).eval())

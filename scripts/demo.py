@@ -31,9 +31,8 @@ from mllm.sampling import ChatSession, Inference, SamplingConfig, generate_image
 from mllm.synthetic import Scene, detect, detection_accuracy, score_geneval
 from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.questions import qa_pool
-from semhitok.cli import Parser, fail, positive_int
-from semhitok.data import load_image, to_pil, to_tensor
 from semhitok.metrics import psnr
+from semhitok.runtime import Parser, fail, load_image, positive_int, to_pil, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = (

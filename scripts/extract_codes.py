@@ -7,8 +7,7 @@ Errors print one line and exit 2.
 """
 
 from mllm.codes import CodeCache, extract_codes
-from semhitok import resolve_device
-from semhitok.cli import Parser, int_in, positive_int
+from semhitok.runtime import Parser, int_in, positive_int, resolve_device
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mllm.cli import add_sampling_args, image_path, load, one_line_errors, sampling_config, save_images
 from mllm.sampling import generate_images
-from semhitok.cli import Parser, positive_int
+from semhitok.runtime import Parser, positive_int
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 
 from mllm.assets import ASSET_PREFIX, SMOLLM2_DIRNAME, expand_reference
 from mllm.model import CONFIG_NAME, LORA_DIR, SemHiTokLM, read_config
-from semhitok import SemHiTok, atomic_folder, save_config
-from semhitok.cli import Parser
+from semhitok import SemHiTok
+from semhitok.runtime import Parser, atomic_folder, save_config
 
 TOKENIZER_DIR, MLLM_DIR = "tokenizer", "mllm"
 

@@ -8,7 +8,7 @@ The folder layout is described in `mllm/synthetic/dataset.py`.
 from pathlib import Path
 
 from mllm.synthetic.dataset import write_dataset
-from semhitok.cli import Parser, int_in
+from semhitok.runtime import Parser, int_in
 
 
 def main(argv: list[str] | None = None) -> None:

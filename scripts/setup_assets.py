@@ -9,7 +9,7 @@ import time
 
 from mllm.assets import convert_smollm2, smollm2_path
 from mllm.text_tokenizer import ensure_qwen2_tokenizer
-from semhitok import AssetError, inception_path
+from semhitok.runtime import AssetError, inception_path
 
 
 def main() -> int:

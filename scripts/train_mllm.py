@@ -15,8 +15,7 @@ import os
 import sys
 
 from mllm.train import load_run_config, train
-from semhitok import CheckpointError, ConfigError
-from semhitok.cli import Parser
+from semhitok.runtime import CheckpointError, ConfigError, Parser
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,9 +11,7 @@ use by another run or a failed checkpoint write print one line and exit 2.
 import os
 import sys
 
-from semhitok.checkpoint import CheckpointError
-from semhitok.cli import Parser
-from semhitok.configio import ConfigError
+from semhitok.runtime import CheckpointError, ConfigError, Parser
 from semhitok.train import load_run_config, train
 
 

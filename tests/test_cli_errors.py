@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from semhitok import PRESETS, SemHiTok, resolve_device
-from semhitok.configio import ConfigError
+from semhitok import PRESETS, SemHiTok
+from semhitok.runtime import resolve_device
+from semhitok.runtime.configio import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "--device cuda: no CUDA device available (torch.cuda.is_available() is False)"

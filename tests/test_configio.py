@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from semhitok.configio import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
+from semhitok.runtime.configio import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from mllm.text_tokenizer import (
     qwen2_tokenizer_path,
     qwen_tiktoken_path,
 )
-from semhitok import AssetError
+from semhitok.runtime import AssetError
 
 IMAGE = "<image>"
 CONV = [

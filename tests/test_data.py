@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mllm.data import CocoDataset, LlavaDataset, LlavaFormatError, load_llava, parse_sample, placeholder_issues
-from semhitok import (
+from semhitok.runtime import (
     BadItem,
     ImageFolderDataset,
     ImageLoadError,
@@ -24,7 +24,7 @@ from semhitok import (
     to_pil,
     to_tensor,
 )
-from semhitok.data import to_rgb
+from semhitok.runtime.data import to_rgb
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RED, BLUE, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)

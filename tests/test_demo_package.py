@@ -13,7 +13,8 @@ from test_mllm_model import assets, build, logits, mixed_batch, train  # noqa: F
 
 from mllm.assets import SMOLLM2_DIRNAME, expand_reference, resolve_reference, smollm2_path
 from mllm.model import CONFIG_NAME, SemHiTokLM, read_config
-from semhitok import AssetError, SemHiTok
+from semhitok import SemHiTok
+from semhitok.runtime import AssetError
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("package_demo", REPO / "scripts" / "package_demo.py")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from semhitok import AssetError, PackagedFile, packaged_file, verify_folder, write_manifest
-from semhitok.assets import verify_file
+from semhitok.runtime import AssetError, PackagedFile, packaged_file, verify_folder, write_manifest
+from semhitok.runtime.assets import verify_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_import_packages_resolve_outside_the_repo_root():
 
 def test_semhitok_imports_neither_mllm_transformers_nor_deepspeed():
     code = (
-        "import sys, semhitok, semhitok.data; "
+        "import sys, semhitok, semhitok.runtime; "
         "import pkgutil, importlib; "
         "[importlib.import_module(m.name) for m in pkgutil.walk_packages(semhitok.__path__, 'semhitok.')]; "
         "bad = sorted(n for n in ('mllm', 'transformers', 'deepspeed') if n in sys.modules); "
@@ -41,22 +41,50 @@ def test_semhitok_imports_neither_mllm_transformers_nor_deepspeed():
     assert proc.stdout.strip() == "", f"semhitok pulled in: {proc.stdout.strip()}"
 
 
-def _semhitok_imports(path: Path) -> list[str]:
-    """Every `semhitok.<sub>` module that a file imports directly."""
+def test_import_semhitok_is_light():
+    """Training, metrics and probes (and scipy, which the metrics need) load only when imported themselves."""
+    heavy = ("scipy", "semhitok.train", "semhitok.metrics", "semhitok.probe", "semhitok.losses")
+    proc = run_python(f"import sys, semhitok; print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"`import semhitok` loaded: {proc.stdout.strip()}"
+
+
+def _semhitok_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """Every (semhitok module, imported names) that a file imports directly (names empty for `import semhitok.x`)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("semhitok."):
-            found.append(node.module)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "semhitok":
+            found.append((node.module, [a.name for a in node.names]))
         elif isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.startswith("semhitok.")]
+            found += [(a.name, []) for a in node.names if a.name.split(".")[0] == "semhitok"]
     return found
 
 
 def test_mllm_uses_semhitok_only_through_its_exports():
+    """The tokenizer through `semhitok`'s names, the infrastructure through `semhitok.runtime`'s (DESIGN §2)."""
+    import semhitok
+    import semhitok.runtime
+
+    exports = {"semhitok": set(semhitok.__all__), "semhitok.runtime": set(semhitok.runtime.__all__)}
     offenders = {
-        str(p.relative_to(REPO)): mods for p in (REPO / "mllm").rglob("*.py") if (mods := _semhitok_imports(p))
+        f"{p.relative_to(REPO)}: {module}": sorted(set(names) - exports.get(module, set())) or "module"
+        for p in (REPO / "mllm").rglob("*.py")
+        for module, names in _semhitok_imports(p)
+        if module not in exports or not names or not set(names) <= exports[module]
     }
-    assert not offenders, f"mllm must import from `semhitok` only: {offenders}"
+    assert not offenders, f"mllm must import the exports of `semhitok` / `semhitok.runtime` only: {offenders}"
+
+
+def test_semhitok_runtime_never_imports_the_tokenizer():
+    """`semhitok.runtime` is the lower layer: none of its files imports the rest of `semhitok`."""
+    runtime = REPO / "tokenizer" / "semhitok" / "runtime"
+    offenders = {
+        str(p.relative_to(REPO)): module
+        for p in runtime.rglob("*.py")
+        for module, _ in _semhitok_imports(p)
+        if module != "semhitok.runtime" and not module.startswith("semhitok.runtime.")
+    }
+    assert not offenders, f"semhitok.runtime imports upward: {offenders}"
 
 
 def test_no_import_package_named_tokenizer_or_eval():
@@ -137,7 +165,7 @@ def test_smollm2_missing_from_cache_names_the_fix(tmp_path, monkeypatch):
 
 def test_real_assets_are_installed_and_verified():
     from mllm.assets import SMOLLM2_GGUF, smollm2_path
-    from semhitok import inception_path
+    from semhitok.runtime import inception_path
 
     assert inception_path().name == "default_1.pt"
     assert packaged_file(SMOLLM2_GGUF).suffix == ".gguf"

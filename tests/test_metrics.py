@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from semhitok.assets import AssetError
 from semhitok.config import PRESETS, TeacherConfig
-from semhitok.data import ImageFolderDataset, collate_skip_bad
 from semhitok.metrics import (
     CodebookUsage,
     FIDAccumulator,
@@ -34,6 +32,8 @@ from semhitok.metrics import (
 )
 from semhitok.model import SemHiTok
 from semhitok.probe import knn_accuracy, linear_probe_accuracy, semantic_probe, stratified_split
+from semhitok.runtime.assets import AssetError
+from semhitok.runtime.data import ImageFolderDataset, collate_skip_bad
 from semhitok.teachers import INCEPTION_INPUT, InceptionTeacher
 from semhitok.types import TokenGrid
 
@@ -298,7 +298,7 @@ def test_reconstruction_script_with_rfid_on_the_shipped_tokenizer(tmp_path):
 
 
 def test_reconstruction_of_a_runs_holdout_split(tmp_path, checkpoint, capsys):
-    from semhitok.configio import save_config
+    from semhitok.runtime.configio import save_config
     from semhitok.train import DataConfig, TokenizerRunConfig, TrainConfig, build_datasets, in_holdout
 
     data = write_folder(tmp_path / "imgs", 12)

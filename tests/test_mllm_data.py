@@ -39,7 +39,8 @@ from mllm.data.mixture import (
 )
 from mllm.synthetic.dataset import write_dataset
 from mllm.vocab import VisualVocab, VocabError
-from semhitok import PRESETS, BadItem, SemHiTok, SkipCounter, load_image, to_tensor
+from semhitok import PRESETS, SemHiTok
+from semhitok.runtime import BadItem, SkipCounter, load_image, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["semhitok-tiny"]

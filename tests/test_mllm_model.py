@@ -30,7 +30,8 @@ from mllm.model import (
 )
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab, VocabError
-from semhitok import PRESETS, ConfigError, SemHiTok, TokenGrid
+from semhitok import PRESETS, SemHiTok, TokenGrid
+from semhitok.runtime import ConfigError
 
 WORDS = (
     "a an the cat dog bird fish cow red blue green white black pink big small one two three is are on in under "
@@ -68,6 +69,9 @@ def assets(tmp_path_factory):
     tiny = PRESETS["semhitok-tiny"]
     SemHiTok(dataclasses.replace(tiny, semantic=dataclasses.replace(tiny.semantic, codebook_size=64))).save_pretrained(
         root / "semhitok-k64"
+    )
+    SemHiTok(dataclasses.replace(tiny, image_size=64, grid=8), init_from_teacher=False).save_pretrained(
+        root / "semhitok-grid8"  # same K and m, another token grid
     )
     return root
 
@@ -265,6 +269,33 @@ def test_factorized_head_is_a_distribution_over_k_times_m():
         assert torch.allclose(joint.view(5, 32, 4)[torch.arange(5), i], log_i + log_j, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["flat", "factorized"])
+def test_image_head_sample_makes_every_choice_through_the_sampler(kind):
+    """`head.sample` is the one interface the sampler uses: greedy `choose` over the cond rows gives the argmax code."""
+    torch.manual_seed(0)
+    head = build_image_head(MLLMConfig(llm="", semhitok="", head=kind, head_width=16), hidden=24, K=32, m=4)
+    hidden, seen = torch.randn(6, 24), []  # 2 groups (e.g. cond, uncond) of 3 images
+
+    def choose(logits):
+        seen.append(logits.shape)
+        return logits[:3].argmax(-1)
+
+    with torch.no_grad():
+        index = head.sample(hidden, choose)
+        assert index.shape == (3,) and int(index.max()) < 128
+        if kind == "flat":
+            assert seen == [(6, 128)] and torch.equal(index, head.logits(hidden[:3]).argmax(-1))
+        else:
+            i = head.semantic_logits(hidden[:3]).argmax(-1)
+            j = head.texture_logits(hidden[:3], i).argmax(-1)
+            assert seen == [(6, 32), (6, 4)] and torch.equal(index, i * 4 + j)
+
+
+def test_unknown_head_is_named_not_defaulted():
+    with pytest.raises(ConfigError, match=r"^head: 'flatt' is not one of \['factorized', 'flat'\]$"):
+        build_image_head(MLLMConfig(llm="", semhitok="", head="flatt"), hidden=24, K=32, m=4)
+
+
 STAGES = {
     "adapter": ({"train_head": False, "train_special_tokens": False}, ("adapter.",)),
     "lora": ({"train_llm": "lora"}, ("adapter.", "head.", "special.", "lora_")),
@@ -364,6 +395,32 @@ def test_save_load_round_trip_gives_identical_logits(assets, tmp_path, family, o
     for a, b in zip(logits(model, *batch[:2]), logits(loaded, *batch[:2]), strict=True):
         assert torch.equal(a, b)
     assert loaded.config.train_llm == overrides["train_llm"] and loaded.vocab == model.vocab
+
+
+def test_code_buffers_are_the_tokenizer_code_table(assets):
+    model, _ = build(assets)
+    tok = SemHiTok.from_pretrained(assets / "semhitok")
+    table_sem, table_pix = tok.code_table()
+    assert torch.equal(model.code_sem, table_sem) and torch.equal(model.code_pix, table_pix)
+    grid = random_grid(2)
+    index = model.vocab.ids_to_index(model.vocab.to_ids(grid)).view(2, GRID, GRID)  # through the LLM id space
+    emb_sem, emb_pix = tok.code_embeddings(grid)
+    assert torch.equal(model.code_sem[index], emb_sem) and torch.equal(model.code_pix[index], emb_pix)
+
+
+def test_checkpoint_config_holds_the_token_grid_and_old_checkpoints_still_load(assets, tmp_path):
+    model, _ = build(assets)
+    assert model.config.image_grid == (GRID, GRID)
+    model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    assert config["image_grid"] == [GRID, GRID]
+    assert SemHiTokLM.from_pretrained(tmp_path / "ckpt").config.image_grid == (GRID, GRID)
+    with pytest.raises(VocabError, match=r"built for a \(4, 4\) token grid, but .*semhitok-grid8 has a \(8, 8\) grid"):
+        SemHiTokLM.from_pretrained(tmp_path / "ckpt", semhitok=assets / "semhitok-grid8")
+    old = {k: v for k, v in config.items() if k != "image_grid"}  # written before the field existed
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(old))
+    loaded = SemHiTokLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.image_grid == (GRID, GRID)
 
 
 def test_load_errors_name_the_problem(assets, tmp_path):

@@ -41,7 +41,8 @@ from mllm.train import (
     train,
 )
 from mllm.vocab import VisualVocab
-from semhitok import PRESETS, ConfigError, SemHiTok
+from semhitok import PRESETS, SemHiTok
+from semhitok.runtime import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_mllm.py"
@@ -243,6 +244,16 @@ def python_run(world, tmp_path_factory):
     return out
 
 
+def test_a_bf16_run_matches_fp32_within_a_stated_tolerance(python_run, world, tmp_path, capsys):
+    """precision bf16 (autocast; DESIGN §8) vs the fp32 reference: the first step's losses (same weights, same
+    batch) within 3 %, and the run says which precision it used."""
+    out = tmp_path / "bf16"
+    train(tiny_run(world, out, "train.steps=1", "train.precision=bf16"))
+    first16, first32 = losses(out)[0], losses(python_run)[0]
+    assert all(abs(a - b) <= 0.03 * abs(b) for a, b in zip(first16, first32, strict=True)), (first16, first32)
+    assert "bf16 autocast (precision: bf16" in capsys.readouterr().out
+
+
 def test_python_mode_writes_logs_checkpoints_and_loadable_outputs(python_run):
     records = read_log(python_run)
     assert [r["step"] for r in records] == list(range(1, 7))
@@ -399,7 +410,7 @@ def wait_for(found, timeout: float = 90.0):
 
 def stall_checkpoint_writes(step: int) -> None:
     """Make semhitok's checkpoint writer hang after its first file of checkpoint `step` (test worker only)."""
-    import semhitok.checkpoint as ckpt
+    import semhitok.runtime.checkpoint as ckpt
 
     save_file = ckpt.save_file
 

@@ -25,19 +25,25 @@ from test_mllm_train import TINY_YAML as MLLM_YAML
 from test_mllm_train import random_tokens, tiny_run, world  # noqa: F401 (world: the tiny MLLM fixture)
 from test_tokenizer_train import ENV, FAST, SCRIPT, TINY_YAML, script_args
 
-import semhitok.atomic as atomic
-import semhitok.checkpoint as checkpoint
+import semhitok.runtime.atomic as atomic
+import semhitok.runtime.checkpoint as checkpoint
 from mllm.train import load_run_config as load_mllm_config
 from mllm.train import train as train_mllm
-from semhitok import BadItem, CheckpointError, ConfigError, RunLock, RunLockError, hold_run_folder
-from semhitok.atomic import atomic_folder
-from semhitok.checkpoint import COMPLETE, clean_leftovers, complete_checkpoints, load_checkpoint, load_resume_point
+from semhitok.runtime import BadItem, CheckpointError, ConfigError, RunLock, RunLockError, hold_run_folder
+from semhitok.runtime.atomic import atomic_folder
+from semhitok.runtime.checkpoint import (
+    COMPLETE,
+    clean_leftovers,
+    complete_checkpoints,
+    load_checkpoint,
+    load_resume_point,
+)
 from semhitok.train import load_run_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
 HOLDER = """import sys, time
-from semhitok.runlock import RunLock
+from semhitok.runtime import RunLock
 RunLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(120)"""  # another run holding a folder, until killed

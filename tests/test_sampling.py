@@ -27,9 +27,10 @@ from mllm.sampling import (
     generate_images,
     generate_text,
     left_pad,
+    load_for_inference,
     sample_image_ids,
 )
-from semhitok import PRESETS
+from semhitok import PRESETS, SemHiTok
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["draw a red cat", "a big blue dog on the mat with a ball under the sky", "two fish"]
@@ -185,6 +186,22 @@ def test_bad_prompts_are_named(models):
         images(model, ["a cat", "  "])
     with pytest.raises(InferenceError, match=f"exceeds the model's context of {CONTEXT} tokens"):
         images(model, ["cat " * 60])
+
+
+def test_load_for_inference_loads_the_tokenizer_once_and_sampling_reads_no_tokenizer_file(world, monkeypatch):
+    loads, load = [], SemHiTok.from_pretrained.__func__
+
+    def counted(cls, directory, *args, **kwargs):
+        loads.append(Path(directory).resolve())
+        return load(cls, directory, *args, **kwargs)
+
+    monkeypatch.setattr(SemHiTok, "from_pretrained", classmethod(counted))
+    run = load_for_inference(world / "mllm")
+    assert loads == [(world / "semhitok").resolve()]
+    assert run.model.config.image_grid == (GRID, GRID)
+    run.model.config = replace(run.model.config, semhitok=str(world / "nowhere"))  # the grid comes from the config
+    grid = generate_images(run.model, PROMPTS[:1], SamplingConfig(temperature=0.0), tokenizer=run.tokenizer)
+    assert grid.shape == (1, GRID, GRID) and run.decode(grid).shape == (1, 3, 32, 32) and len(loads) == 1
 
 
 # ---------------------------------------------------------------------------------------------------- text

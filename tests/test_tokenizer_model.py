@@ -24,8 +24,9 @@ from semhitok.losses import (
     gan_active,
     pixel_losses,
     semantic_loss,
+    vq_loss,
 )
-from semhitok.model import SemHiTok
+from semhitok.model import SemHiTok, StageForward
 from semhitok.modules import PatchViT
 from semhitok.quantizers import (
     EMAQuantizer,
@@ -71,7 +72,7 @@ def train_steps(model: SemHiTok, images: torch.Tensor, stage: str, steps: int, l
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
     for _ in range(steps):
         model.train()
-        out = model(images, stage=stage)
+        out = StageForward(model, stage)(images)
         loss = stage1_loss(out) if stage == "1" else stage2_loss(out, images)
         opt.zero_grad()
         loss.backward()
@@ -128,6 +129,20 @@ def test_token_grid_validates():
         TokenGrid(ok.int(), ok)
     with pytest.raises(ValueError, match="differ"):
         TokenGrid(ok, ok[:, :3])
+
+
+def test_token_grid_flat_index_round_trips():
+    g = torch.Generator().manual_seed(0)
+    K, m = 32, 4  # noqa: N806
+    grid = TokenGrid(torch.randint(0, K, (3, 4, 4), generator=g), torch.randint(0, m, (3, 4, 4), generator=g))
+    flat = grid.flat(m)
+    assert flat.shape == (3, 4, 4) and flat.dtype == torch.int64 and int(flat.max()) < K * m
+    back = TokenGrid.from_flat(flat, m)
+    assert torch.equal(back.semantic, grid.semantic) and torch.equal(back.texture, grid.texture)
+    every = torch.arange(K * m).view(1, K, m)  # row-major over (K, m) is flat index order
+    assert torch.equal(TokenGrid.from_flat(every, m).flat(m), every)
+    assert torch.equal(TokenGrid.from_flat(every, m).semantic[0], torch.arange(K)[:, None].expand(K, m))
+    assert TokenGrid.split_index(torch.tensor([5 * m + 3]), m) == (torch.tensor([5]), torch.tensor([3]))
 
 
 # ----------------------------------------------------------------------------------------------- quantizers
@@ -252,7 +267,7 @@ def test_dead_texture_codes_restart_from_features_of_the_same_semantic_code():
 
 def test_quantizer_stats_are_detached_and_in_range(model, images):
     model.freeze_semantic()
-    out = model.forward_stage2(images)["quantizer"]
+    out = model.pixel_forward(images)["quantizer"]
     for key, value in out.stats.items():
         assert not value.requires_grad, key
         if "usage" in key:
@@ -284,10 +299,10 @@ def test_ema_statistics_are_synchronised_across_ranks(tmp_path):
 
 
 def test_shapes(model, images):
-    s1 = model.forward_stage1(images)
+    s1 = model.semantic_forward(images)
     assert s1["semantic_recon"].shape == s1["semantic_target"].shape == (4, 16, 32)
     model.freeze_semantic()
-    s2 = model.forward_stage2(images)
+    s2 = model.pixel_forward(images)
     assert s2["recon"].shape == images.shape
     assert s2["quantizer"].z_q.shape == (4, 16, 8 + 4)
     grid = model.encode(images)
@@ -307,7 +322,7 @@ def test_encode_decode_through_token_grid_matches_forward(kind, images):
     train_steps(model, images, "2", 1)
     model.eval()
     with torch.no_grad():
-        out = model.forward_stage2(images)
+        out = model.pixel_forward(images)
     grid = model.encode(images)
     assert torch.equal(grid.semantic * TINY.m + grid.texture, out["quantizer"].indices.view(4, 4, 4))
     assert torch.allclose(model.decode(grid), out["recon"].clamp(-1, 1), atol=1e-5)
@@ -316,11 +331,48 @@ def test_encode_decode_through_token_grid_matches_forward(kind, images):
     assert torch.allclose(torch.cat([emb_sem, emb_pix], -1), z_q, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_code_table_rows_are_the_code_embeddings_of_their_flat_index(kind, images):
+    torch.manual_seed(0)
+    model = SemHiTok(with_kind(kind))
+    model.freeze_semantic()
+    train_steps(model, images, "2", 1)  # codebooks away from their init (restarts, EMA)
+    table_sem, table_pix = model.code_table()
+    assert table_sem.shape == (TINY.vocab_size, TINY.semantic.d_sem) and table_pix.shape == (TINY.vocab_size, TINY.pixel.d_pix)
+    flat = torch.randperm(TINY.vocab_size, generator=torch.Generator().manual_seed(1)).view(-1, 4, 4)  # every code once
+    emb_sem, emb_pix = model.code_embeddings(TokenGrid.from_flat(flat, TINY.m))
+    assert torch.equal(table_sem[flat], emb_sem) and torch.equal(table_pix[flat], emb_pix)
+    grid = model.encode(images)
+    assert torch.equal(table_sem[grid.flat(TINY.m)], model.code_embeddings(grid)[0])
+
+
+def test_unknown_kinds_and_stages_are_named_not_defaulted():
+    for section, key, bad in (("quantizer", "kind", "sharde"), ("pixel", "encoder", "vitt")):
+        cfg = replace(TINY, **{section: replace(getattr(TINY, section), **{key: bad})})
+        with pytest.raises(ConfigError, match=rf"^{section}\.{key}: '{bad}' is not one of \[") as err:
+            SemHiTok(cfg, init_from_teacher=False)
+        assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match=r"stage: '3' is not one of \['1', '2', '2b'\]"):
+        StageForward(SemHiTok(TINY, init_from_teacher=False), "3")
+    with pytest.raises(ConfigError, match=r"loss.perceptual: 'lpips' is not one of"):
+        build_perceptual_loss(replace(TINY.loss, perceptual="lpips"))
+
+
+def test_vq_loss_weights_terms_by_name_and_rejects_unknown_ones():
+    p = replace(TINY.pixel, codebook_weight=2.0, commit_weight=0.5)
+    one = torch.tensor(1.0)
+    hierarchical = {"semantic/commit": one, "texture/codebook": one, "texture/commit": one}
+    assert float(vq_loss(hierarchical, p)) == 2.5  # the frozen semantic level's term is left out
+    assert float(vq_loss({"codebook": one, "commit": one}, p)) == 2.5
+    with pytest.raises(ConfigError, match=r"\['texture/entropy'\] have no weight; known: \["):
+        vq_loss({**hierarchical, "texture/entropy": one}, p)
+
+
 def test_stage2_training_requires_a_frozen_semantic_branch(model, images):
     with pytest.raises(RuntimeError, match="freeze_semantic"):
-        model.forward_stage2(images)
+        model.pixel_forward(images)
     model.eval()
-    assert model.forward_stage2(images)["recon"].shape == images.shape  # evaluation is fine
+    assert model.pixel_forward(images)["recon"].shape == images.shape  # evaluation is fine
 
 
 def test_encode_leaves_training_mode_and_statistics_alone(model, images):
@@ -334,7 +386,7 @@ def test_encode_leaves_training_mode_and_statistics_alone(model, images):
 def test_cnn_pixel_encoder(images):
     model = SemHiTok(replace(TINY, pixel=replace(TINY.pixel, encoder="cnn")))
     model.freeze_semantic()
-    assert model.forward_stage2(images)["recon"].shape == images.shape
+    assert model.pixel_forward(images)["recon"].shape == images.shape
     assert model.encode(images).shape == (4, 4, 4)
 
 
@@ -346,7 +398,7 @@ def test_student_is_initialised_from_teacher(model):
 
 
 def test_stage1_gradients(model, images):
-    stage1_loss(model.forward_stage1(images)).backward()
+    stage1_loss(model.semantic_forward(images)).backward()
     trainable = {id(p) for p in model.stage_parameters("1")}
     for name, p in model.named_parameters():
         if id(p) in trainable:
@@ -360,7 +412,7 @@ def test_stage1_gradients(model, images):
 def test_stage2_gradients_and_frozen_semantic(kind, images):
     model = SemHiTok(with_kind(kind))
     model.freeze_semantic()
-    stage2_loss(model.forward_stage2(images), images).backward()
+    stage2_loss(model.pixel_forward(images), images).backward()
     trainable = {id(p) for p in model.stage_parameters("2")}
     assert trainable
     for name, p in model.named_parameters():
@@ -372,7 +424,7 @@ def test_stage2_gradients_and_frozen_semantic(kind, images):
 
 def test_straight_through_reaches_the_pixel_encoder(model, images):
     model.freeze_semantic()
-    F.l1_loss(model.forward_stage2(images)["recon"], images).backward()  # reconstruction only, no VQ terms
+    F.l1_loss(model.pixel_forward(images)["recon"], images).backward()  # reconstruction only, no VQ terms
     grads = [p.grad for p in model.pixel_encoder.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
@@ -408,7 +460,7 @@ def test_overfit_one_batch(images):
     start = F.l1_loss(model.decode(model.encode(images)), images).item()
     opt = torch.optim.Adam(model.stage_parameters("2"), lr=3e-3)
     for _ in range(150):
-        out = model.forward_stage2(images)
+        out = model.pixel_forward(images)
         losses = out["quantizer"].losses
         loss = F.l1_loss(out["recon"], images) + losses["texture/codebook"] + 0.25 * losses["texture/commit"]
         opt.zero_grad()
@@ -422,9 +474,9 @@ def test_overfit_one_batch(images):
 def test_training_steps_and_round_trip_on_cuda_with_bf16_autocast(images):
     model, images = SemHiTok(TINY).cuda(), images.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        stage1_loss(model.forward_stage1(images)).backward()
+        stage1_loss(model.semantic_forward(images)).backward()
         model.freeze_semantic()
-        stage2_loss(model.forward_stage2(images), images).backward()
+        stage2_loss(model.pixel_forward(images), images).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.stage_parameters("2"))
     grid = model.encode(images)
     assert grid.semantic.is_cuda and model.decode(grid).shape == images.shape
@@ -572,9 +624,9 @@ def test_tiny_vit_teacher(images):
 
 @pytest.fixture(scope="module")
 def inception_file() -> str:
-    """"" (the teacher then asks `semhitok.assets` for the verified asset) or, without that module, the file."""
+    """"" (the teacher then asks `semhitok.runtime.assets` for the verified asset) or, without that module, the file."""
     try:
-        from semhitok.assets import inception_path
+        from semhitok.runtime.assets import inception_path
 
         inception_path()
         return ""
@@ -681,7 +733,7 @@ def test_semantic_and_gan_losses():
 def test_adaptive_weight_and_discriminator(model, images):
     disc = build_discriminator(TINY.loss)
     model.freeze_semantic()
-    recon = model.forward_stage2(images)["recon"]
+    recon = model.pixel_forward(images)["recon"]
     rec = F.l1_loss(recon, images)
     gan = g_loss(disc(recon))["g_loss"]
     weight = adaptive_weight(rec, gan, model.last_decoder_layer, TINY.loss.adaptive_weight_max)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 
-from semhitok import DEFAULT_MAX_PIXELS, JsonlImageDataset
+from semhitok.runtime import DEFAULT_MAX_PIXELS, JsonlImageDataset
 
 
 class CocoDataset(JsonlImageDataset):
     """Items: {"image": (3, size, size) float32 in [-1, 1], "path": str, "coco_id": int,
-    "captions": list[str], "objects": list[str] (COCO category names)}, or a `semhitok.BadItem`.
+    "captions": list[str], "objects": list[str] (COCO category names)}, or a `semhitok.runtime.BadItem`.
 
     Image paths are relative to the folder of `annotations`. `require_captions` / `require_objects` keep only the
     images that have at least one.

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from semhitok import DEFAULT_MAX_PIXELS, BadItem, ImageLoadError, load_image, read_json, read_jsonl, to_tensor
+from semhitok.runtime import DEFAULT_MAX_PIXELS, BadItem, ImageLoadError, load_image, read_json, read_jsonl, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +127,11 @@ def placeholder_issues(samples: Sequence[LlavaSample]) -> list[PlaceholderIssue]
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """LLaVA samples with their images loaded through `semhitok.load_image`.
+    """LLaVA samples with their images loaded through `semhitok.runtime.load_image`.
 
     Items: {"id": str, "turns": tuple[Turn], "image": (3, size, size) float32 in [-1, 1] or None (text-only),
-    "path": str or None}, or a `semhitok.BadItem` when the image fails to load (warning logged; drop it with
-    `semhitok.collate_skip_bad` or the training collator).
+    "path": str or None}, or a `semhitok.runtime.BadItem` when the image fails to load (warning logged; drop it with
+    `semhitok.runtime.collate_skip_bad` or the training collator).
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """Tokenized training samples for `SemHiTokLM` from cached image codes, their per-stage mixture, and the collator.
 
-Sources (torch Datasets; an item is an `LMSample`, or a `semhitok.BadItem` whose `reason` is one of SKIP_REASONS for
-a sample that cannot be used: `collate_lm` drops and counts those, nothing ever raises mid-epoch):
+Sources (torch Datasets; an item is an `LMSample`, or a `semhitok.runtime.BadItem` whose `reason` is one of
+SKIP_REASONS for a sample that cannot be used: `collate_lm` drops and counts those, nothing ever raises mid-epoch):
     ConversationDataset   understanding: LLaVA conversations; `<image>` becomes the image's `<boi> ids <eoi>`
     CaptionDataset        understanding: "<image>\\n<brief-description instruction>" -> a caption (LLaVA 558K recipe)
     TextToImageDataset    generation: prompt(caption) -> `<boi> ids <eoi>`; caption dropped with p = 0.1 for CFG
@@ -38,7 +38,7 @@ from mllm.codes import CodeCache
 from mllm.conversation import IGNORE_INDEX, ConversationError, tokenize_conversation, tokenize_prompt
 from mllm.data.llava import IMAGE_PLACEHOLDER, LlavaSample, load_llava
 from mllm.vocab import VisualVocab, VocabError
-from semhitok import BadItem, read_jsonl
+from semhitok.runtime import BadItem, read_jsonl
 
 UNDERSTANDING, GENERATION = "understanding", "generation"
 GENERATION_PROMPT = "Generate an image of: {caption}"  # (choice) a chat user turn; "" caption = unconditional
@@ -345,7 +345,7 @@ def collate_lm(batch: Sequence[LMSample | BadItem], pad_id: int) -> dict[str, An
 
     Returns input_ids (B, L) int64 (pad_id on pads), attention_mask (B, L) int64 (0 on pads), labels (B, L) int64
     (IGNORE_INDEX on pads), direction (list of B str), batch_size B, num_truncated (samples that were cut),
-    num_skipped and skipped (the BadItems: `semhitok.SkipCounter.update` sums them). All skipped: B = L = 0."""
+    num_skipped and skipped (the BadItems: `semhitok.runtime.SkipCounter.update` sums them). All skipped: B = L = 0."""
     good = [b for b in batch if isinstance(b, LMSample)]
     skipped = [b for b in batch if isinstance(b, BadItem)]
     length = max((len(b.input_ids) for b in good), default=0)

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from semhitok.configio import ConfigError
-from semhitok.configio import from_dict as _from_dict
-from semhitok.configio import to_dict as _to_dict
+from semhitok.runtime.configio import ConfigError
+from semhitok.runtime.configio import from_dict as _from_dict
+from semhitok.runtime.configio import to_dict as _to_dict
 
 TeacherKind = Literal["inception", "open_clip", "hf_siglip", "tiny_vit"]
 INCEPTION_LAYERS = {"mixed_7": 768, "mixed_10": 2048}  # name -> channels (17x17 and 8x8 maps at 299 px)

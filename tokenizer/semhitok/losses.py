@@ -3,6 +3,8 @@ multiplies them by the weights in `SemanticConfig` / `PixelConfig` / `LossConfig
 
 - semantic (stage 1): (1 - cos) and L1 between the decoded and the teacher features (DESIGN §3.1).
 - pixel (stage 2): L1 + perceptual + PatchGAN hinge with VQGAN's adaptive weight, off before `disc_start`.
+- vq (stage 2): the quantizer's own unweighted terms; `vq_loss` is the one place that knows which `PixelConfig`
+  weight each term name takes (`VQ_LOSS_WEIGHTS`), and unknown names are an error, never silently weighted.
 - perceptual: pluggable (`PerceptualLoss`). LPIPS backbone weights are not available offline, so the built-in one
   is `InceptionPerceptualLoss`: LPIPS-style distance (channel-unit-normalised activations, squared difference,
   spatial mean, uniform layer weights, no learned linear heads) on the real ImageNet Inception-v3's stages.
@@ -11,13 +13,15 @@ multiplies them by the weights in `SemanticConfig` / `PixelConfig` / `LossConfig
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semhitok.config import LossConfig, TeacherConfig
+from semhitok.config import ConfigError, LossConfig, PixelConfig, TeacherConfig
 from semhitok.modules import NLayerDiscriminator
 from semhitok.teachers import INCEPTION_INPUT, InceptionTeacher
 
@@ -53,8 +57,13 @@ def _normalized_distance(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).sum(1).mean()
 
 
+PERCEPTUAL_NETWORKS = ("inception", "none")
+
+
 def build_perceptual_loss(cfg: LossConfig, inception: InceptionTeacher | None = None) -> PerceptualLoss | None:
     """The configured perceptual network (None for "none"); pass `inception` to share an already loaded one."""
+    if cfg.perceptual not in PERCEPTUAL_NETWORKS:
+        raise ConfigError(f"loss.perceptual: {cfg.perceptual!r} is not one of {list(PERCEPTUAL_NETWORKS)}")
     if cfg.perceptual == "none":
         return None
     network = inception or InceptionTeacher(TeacherConfig(kind="inception", layer="mixed_7", dim=768, image_size=INCEPTION_INPUT), grid=1)
@@ -65,6 +74,25 @@ def pixel_losses(recon: Tensor, target: Tensor, perceptual: PerceptualLoss | Non
     """images (B, 3, H, W) -> {"l1", "perceptual"} (perceptual is 0 when no network is given)."""
     zero = recon.new_zeros(())
     return {"l1": F.l1_loss(recon, target), "perceptual": perceptual(recon, target) if perceptual else zero}
+
+
+# Every loss term a stage-2 quantizer reports -> the PixelConfig weight it is trained with (None: reported only).
+VQ_LOSS_WEIGHTS: Mapping[str, str | None] = MappingProxyType({
+    "codebook": "codebook_weight",  # flat / shared baselines: their one joint codebook
+    "commit": "commit_weight",
+    "texture/codebook": "codebook_weight",  # hierarchical: the texture sub-codebooks
+    "texture/commit": "commit_weight",
+    "semantic/commit": None,  # hierarchical: the semantic level is frozen in stage 2, so it carries no gradient
+})  # fmt: skip
+
+
+def vq_loss(terms: Mapping[str, Tensor], p: PixelConfig) -> Tensor:
+    """A stage-2 quantizer's unweighted `losses` -> their weighted sum (weights `VQ_LOSS_WEIGHTS` from `p`).
+    A term without an entry is a ConfigError naming it and the known terms."""
+    unknown = sorted(set(terms) - set(VQ_LOSS_WEIGHTS))
+    if unknown:
+        raise ConfigError(f"quantizer loss term(s) {unknown} have no weight; known: {sorted(VQ_LOSS_WEIGHTS)}")
+    return sum(getattr(p, VQ_LOSS_WEIGHTS[k]) * v for k, v in terms.items() if VQ_LOSS_WEIGHTS[k] is not None)
 
 
 def build_discriminator(cfg: LossConfig) -> NLayerDiscriminator:

@@ -211,7 +211,8 @@ def semantic_cosine(model: nn.Module, images: Tensor, grid: TokenGrid | None = N
 
 @dataclass
 class CodebookUsage:
-    """Histograms of semantic codes i (K,) and pairs (i, j) (K*m,) over TokenGrids."""
+    """Histograms of semantic codes i (K,) and pairs (i, j) (K*m,) over TokenGrids. For the flat / shared baselines
+    i is the coarse group f // m of their joint code (see `TokenGrid`), so "semantic" usage is block usage there."""
 
     K: int
     m: int
@@ -221,7 +222,7 @@ class CodebookUsage:
         self.pairs = torch.zeros(self.K * self.m, dtype=torch.int64)
 
     def update(self, grid: TokenGrid) -> None:
-        flat = (grid.semantic * self.m + grid.texture).reshape(-1).cpu()
+        flat = grid.flat(self.m).reshape(-1).cpu()
         self.pairs += torch.bincount(flat, minlength=self.K * self.m)
 
     def compute(self) -> dict[str, float]:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,7 @@ from einops.layers.torch import Rearrange
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from semhitok.atomic import atomic_folder
-from semhitok.config import SemHiTokConfig
+from semhitok.config import ConfigError, SemHiTokConfig
 from semhitok.modules import Decoder, Encoder, PatchViT, TokenDecoder
 from semhitok.quantizers import (
     EMAQuantizer,
@@ -36,6 +36,7 @@ from semhitok.quantizers import (
     SharedIndexQuantizer,
     SubCodebookQuantizer,
 )
+from semhitok.runtime.atomic import atomic_folder
 from semhitok.teachers import Teacher, build_teacher
 from semhitok.types import QuantizerOutput, TokenGrid
 
@@ -53,23 +54,60 @@ def build_semantic_quantizer(cfg: SemHiTokConfig) -> EMAQuantizer:
                         s.dead_code_threshold)
 
 
-def build_stage2_quantizer(cfg: SemHiTokConfig) -> nn.Module:
-    """hierarchical (owns the semantic EMA VQ) | flat | shared; all index K*m codes."""
-    dims, q, p = (cfg.semantic.d_sem, cfg.pixel.d_pix), cfg.quantizer, cfg.pixel
-    if q.kind == "hierarchical":
-        texture = SubCodebookQuantizer(cfg.K, cfg.m, p.d_pix, p.dead_code_ratio, cfg.semantic.ema_decay)
-        return HierarchicalQuantizer(semantic=build_semantic_quantizer(cfg), texture=texture)
-    if q.kind == "flat":
-        return FlatQuantizer(cfg.vocab_size, dims, q.dead_code_threshold, cfg.semantic.ema_decay)
+def _hierarchical_quantizer(cfg: SemHiTokConfig) -> HierarchicalQuantizer:
+    p = cfg.pixel
+    texture = SubCodebookQuantizer(cfg.K, cfg.m, p.d_pix, p.dead_code_ratio, cfg.semantic.ema_decay)
+    return HierarchicalQuantizer(semantic=build_semantic_quantizer(cfg), texture=texture)
+
+
+def _flat_quantizer(cfg: SemHiTokConfig) -> FlatQuantizer:
+    dims, q = (cfg.semantic.d_sem, cfg.pixel.d_pix), cfg.quantizer
+    return FlatQuantizer(cfg.vocab_size, dims, q.dead_code_threshold, cfg.semantic.ema_decay)
+
+
+def _shared_quantizer(cfg: SemHiTokConfig) -> SharedIndexQuantizer:
+    dims, q = (cfg.semantic.d_sem, cfg.pixel.d_pix), cfg.quantizer
     return SharedIndexQuantizer(cfg.vocab_size, dims, q.shared_weights, q.dead_code_threshold, cfg.semantic.ema_decay)
 
 
-def build_pixel_encoder(cfg: SemHiTokConfig) -> nn.Module:
-    """images (B, 3, H, W) -> (B, L, d_pix) (not yet normalised)."""
+STAGE2_QUANTIZERS: Mapping[str, Callable[[SemHiTokConfig], nn.Module]] = MappingProxyType({
+    "hierarchical": _hierarchical_quantizer,  # owns the semantic EMA VQ
+    "flat": _flat_quantizer,
+    "shared": _shared_quantizer,
+})  # fmt: skip
+
+
+def _vit_pixel_encoder(cfg: SemHiTokConfig) -> nn.Module:
     p = cfg.pixel
-    if p.encoder == "vit":
-        return nn.Sequential(PatchViT(cfg.image_size, cfg.patch_size, p.width, p.depth, p.heads), nn.Linear(p.width, p.d_pix))
+    return nn.Sequential(PatchViT(cfg.image_size, cfg.patch_size, p.width, p.depth, p.heads), nn.Linear(p.width, p.d_pix))
+
+
+def _cnn_pixel_encoder(cfg: SemHiTokConfig) -> nn.Module:
+    p = cfg.pixel
     return nn.Sequential(Encoder(p.ch, p.ch_mult, p.num_res_blocks, p.d_pix), Rearrange("b c h w -> b (h w) c"))
+
+
+PIXEL_ENCODERS: Mapping[str, Callable[[SemHiTokConfig], nn.Module]] = MappingProxyType({
+    "vit": _vit_pixel_encoder,
+    "cnn": _cnn_pixel_encoder,
+})  # fmt: skip
+
+
+def _pick(registry: Mapping[str, Callable], key: str, name: str) -> Callable:
+    """registry[name], or a one-line ConfigError naming `key` and the known names."""
+    if name not in registry:
+        raise ConfigError(f"{key}: {name!r} is not one of {sorted(registry)}")
+    return registry[name]
+
+
+def build_stage2_quantizer(cfg: SemHiTokConfig) -> nn.Module:
+    """hierarchical | flat | shared (`STAGE2_QUANTIZERS`); all index K*m codes."""
+    return _pick(STAGE2_QUANTIZERS, "quantizer.kind", cfg.quantizer.kind)(cfg)
+
+
+def build_pixel_encoder(cfg: SemHiTokConfig) -> nn.Module:
+    """images (B, 3, H, W) -> (B, L, d_pix) (not yet normalised); vit | cnn (`PIXEL_ENCODERS`)."""
+    return _pick(PIXEL_ENCODERS, "pixel.encoder", cfg.pixel.encoder)(cfg)
 
 
 def build_pixel_decoder(cfg: SemHiTokConfig) -> Decoder:
@@ -82,7 +120,9 @@ def build_pixel_decoder(cfg: SemHiTokConfig) -> Decoder:
 
 
 class SemHiTok(nn.Module):
-    """Image tokenizer: `encode` images -> TokenGrid, `decode` TokenGrid -> images, `code_embeddings` for the MLLM.
+    """Image tokenizer: `encode` images -> TokenGrid, `decode` TokenGrid -> images, `code_embeddings` (per patch) and
+    `code_table` (every code) for the MLLM. Training: `semantic_forward` (stage 1), `pixel_forward` (stages 2, 2b);
+    `StageForward` wraps either as a module for DDP.
 
     `teacher`: an already built teacher to share (else built from the config on first use).
     `init_from_teacher=False` skips copying teacher blocks into the student even if the config asks for it
@@ -99,7 +139,7 @@ class SemHiTok(nn.Module):
         self.semantic_decoder = TokenDecoder(L, s.d_sem, s.decoder_width, s.decoder_depth, s.decoder_heads,
                                              config.teacher.dim)
         self.quantizer = build_stage2_quantizer(config)
-        if config.quantizer.kind != "hierarchical":
+        if not isinstance(self.quantizer, HierarchicalQuantizer):
             self.stage1_quantizer = build_semantic_quantizer(config)  # baselines: semantic VQ of stage 1 only
         self.pixel_encoder = build_pixel_encoder(config)
         self.semantic_proj = nn.Linear(s.d_sem, config.pixel.semantic_proj_dim)
@@ -194,27 +234,21 @@ class SemHiTok(nn.Module):
 
     # ---------------------------------------------------------------- training forwards
 
-    def forward_stage1(self, images: Tensor) -> dict[str, Tensor | QuantizerOutput]:
-        """-> {"semantic_recon" (B, L, D_t), "semantic_target" (B, L, D_t), "quantizer": QuantizerOutput}."""
+    def semantic_forward(self, images: Tensor) -> dict[str, Tensor | QuantizerOutput]:
+        """Stage 1: -> {"semantic_recon" (B, L, D_t), "semantic_target" (B, L, D_t), "quantizer": QuantizerOutput}."""
         self._check_images(images)
         target = self.teacher_features(images)
         q = self.semantic_quantizer(self.semantic_latent(images))
         return {"semantic_recon": self.semantic_decoder(q.z_q), "semantic_target": target, "quantizer": q}
 
-    def forward_stage2(self, images: Tensor) -> dict[str, Tensor | QuantizerOutput]:
-        """-> {"recon" (B, 3, H, W) unclamped, "quantizer": QuantizerOutput of the stage-2 codebook}.
+    def pixel_forward(self, images: Tensor) -> dict[str, Tensor | QuantizerOutput]:
+        """Stage 2: -> {"recon" (B, 3, H, W) unclamped, "quantizer": QuantizerOutput of the stage-2 codebook}.
         Also used for stage 2b (then only the enhance decoder is trainable). Training needs `freeze_semantic()`."""
         self._check_images(images)
         if self.training and _trainable(self.semantic_encoder):
             raise RuntimeError("stage 2 must not change the semantic branch: call model.freeze_semantic() first")
         q = self.quantizer(torch.cat([self.semantic_latent(images), self.pixel_latent(images)], dim=-1))
         return {"recon": self.decode_latent(q.z_q), "quantizer": q}
-
-    def forward(self, images: Tensor, stage: str = "2") -> dict[str, Tensor | QuantizerOutput]:
-        """Dispatch for DDP wrappers: stage "1" -> forward_stage1, "2" / "2b" -> forward_stage2."""
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        return self.forward_stage1(images) if stage == "1" else self.forward_stage2(images)
 
     # ---------------------------------------------------------------- public API
 
@@ -224,8 +258,8 @@ class SemHiTok(nn.Module):
         with self._inference():
             z = torch.cat([self.semantic_latent(images), self.pixel_latent(images)], dim=-1)
             indices = self.quantizer(z).indices  # (B, L) in [0, K*m)
-        g, m = self.config.grid, self.config.m
-        return TokenGrid(indices.div(m, rounding_mode="floor").view(-1, g, g), indices.remainder(m).view(-1, g, g))
+        g = self.config.grid
+        return TokenGrid.from_flat(indices.view(-1, g, g), self.config.m)
 
     def decode(self, grid: TokenGrid) -> Tensor:
         """TokenGrid -> images (B, 3, H, W) in [-1, 1]."""
@@ -237,6 +271,15 @@ class SemHiTok(nn.Module):
         """TokenGrid -> (emb_sem (B, h, w, d_sem), emb_pix (B, h, w, d_pix)): the codebook vectors per patch."""
         with torch.no_grad():
             z = self.quantizer.lookup(self._flat_indices(grid))  # (B, h, w, d_sem + d_pix)
+        emb_sem, emb_pix = z.split((self.config.semantic.d_sem, self.config.pixel.d_pix), dim=-1)
+        return emb_sem, emb_pix
+
+    def code_table(self) -> tuple[Tensor, Tensor]:
+        """The code vectors of every flat index f in [0, K*m), in that order: (emb_sem (K*m, d_sem),
+        emb_pix (K*m, d_pix)); row f is what `code_embeddings` gives a patch with code `TokenGrid.from_flat(f, m)`."""
+        index = torch.arange(self.config.vocab_size, device=self.semantic_proj.weight.device)  # (K*m,)
+        with torch.no_grad():
+            z = self.quantizer.lookup(index)  # (K*m, d_sem + d_pix)
         emb_sem, emb_pix = z.split((self.config.semantic.d_sem, self.config.pixel.d_pix), dim=-1)
         return emb_sem, emb_pix
 
@@ -274,15 +317,14 @@ class SemHiTok(nn.Module):
             raise ValueError(f"expected floating-point images in [-1, 1], got dtype {images.dtype}")
 
     def _flat_indices(self, grid: TokenGrid) -> Tensor:
-        """Validated TokenGrid -> f = i * m + j (B, h, w) on the model's device."""
+        """Validated TokenGrid -> flat indices f (B, h, w) on the model's device."""
         g, K, m = self.config.grid, self.config.K, self.config.m
         if grid.shape[1:] != (g, g):
             raise ValueError(f"expected a TokenGrid of shape (B, {g}, {g}), got {grid.shape}")
         for name, value, n in (("semantic", grid.semantic, K), ("texture", grid.texture, m)):
             if value.numel() and (value.min() < 0 or value.max() >= n):
                 raise ValueError(f"{name} indices must be in [0, {n}), got range [{int(value.min())}, {int(value.max())}]")
-        grid = grid.to(self.semantic_proj.weight.device)
-        return grid.semantic * m + grid.texture
+        return grid.to(self.semantic_proj.weight.device).flat(m)
 
     @contextmanager
     def _inference(self) -> Iterator[None]:
@@ -295,6 +337,26 @@ class SemHiTok(nn.Module):
         finally:
             for m, mode in modes:
                 m.training = mode
+
+
+STAGE_FORWARDS: Mapping[str, Callable[[SemHiTok, Tensor], dict[str, Tensor | QuantizerOutput]]] = MappingProxyType({
+    "1": SemHiTok.semantic_forward,
+    "2": SemHiTok.pixel_forward,
+    "2b": SemHiTok.pixel_forward,  # only the enhance decoder trains
+})  # fmt: skip
+
+
+class StageForward(nn.Module):
+    """The training forward of one stage as a module's `forward`, so DDP (which syncs gradients only for calls
+    through its wrapper) can wrap it: stage "1" runs `model.semantic_forward`, "2" / "2b" `model.pixel_forward`.
+    Holds `model` and nothing else (its state dict is the model's under "model.")."""
+
+    def __init__(self, model: SemHiTok, stage: str):
+        super().__init__()
+        self.model, self.stage, self._run = model, stage, _pick(STAGE_FORWARDS, "stage", stage)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor | QuantizerOutput]:
+        return self._run(self.model, images)
 
 
 def _trainable(module: nn.Module) -> bool:

@@ -5,7 +5,8 @@
 - `SubCodebookQuantizer`: texture codebook (K, m, d_pix); a patch with semantic index i searches C[i] only, O(m*d)
   per patch. Trained by gradient (codebook + commitment losses, straight-through estimator); EMA counts per (i, j)
   only drive usage stats and dead-code restarts, which draw from pixel features routed to the same i (§3.2).
-- `HierarchicalQuantizer(semantic=..., texture=...)`: the SemHiTok composition; flat index f = i * m + j.
+- `HierarchicalQuantizer(semantic=..., texture=...)`: the SemHiTok composition; flat index f = i * m + j
+  (`TokenGrid.flat_index`).
 - `FlatQuantizer` (one codebook of K*m joint vectors, nearest neighbour over all of them) and
   `SharedIndexQuantizer` (TokenFlow-style: one index into K*m (semantic, pixel) pairs chosen by a weighted sum of
   both distances) are the baselines with the same vocabulary.
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semhitok.types import QuantizerOutput
+from semhitok.types import QuantizerOutput, TokenGrid
 
 MAX_DISTANCE_ELEMENTS = 2**26  # largest (rows, codes) distance block computed at once
 
@@ -220,7 +221,8 @@ class SubCodebookQuantizer(nn.Module):
         codes = self.candidates(sem)  # (N, m, d)
         j = (flat.detach()[:, None, :] - codes.detach()).pow(2).sum(-1).argmin(-1)  # (N,)
         q = codes[torch.arange(len(j), device=j.device), j]  # (N, d), differentiable w.r.t. the codebook
-        counts = _counts(sem * self.m + j, self.num_semantic * self.m, self.training).view(self.num_semantic, self.m)
+        pairs = TokenGrid.flat_index(sem, j, self.m)  # (N,) in [0, K*m)
+        counts = _counts(pairs, self.num_semantic * self.m, self.training).view(self.num_semantic, self.m)
         if self.training:
             self._update(counts, flat.detach(), sem)
         losses = {"codebook": F.mse_loss(q, flat.detach()), "commit": F.mse_loss(flat, q.detach())}
@@ -287,11 +289,12 @@ class HierarchicalQuantizer(nn.Module):
         tex = self.texture(z_pix, sem.indices)
         losses = {**_prefix("semantic", sem.losses), **_prefix("texture", tex.losses)}
         stats = {**_prefix("semantic", sem.stats), **_prefix("texture", tex.stats)}
-        return QuantizerOutput(torch.cat([sem.z_q, tex.z_q], -1), sem.indices * self.m + tex.indices, losses, stats)
+        indices = TokenGrid.flat_index(sem.indices, tex.indices, self.m)  # (B, L)
+        return QuantizerOutput(torch.cat([sem.z_q, tex.z_q], -1), indices, losses, stats)
 
     def lookup(self, indices: Tensor) -> Tensor:
         """f (...) in [0, K*m) -> (..., d_sem + d_pix)."""
-        i, j = indices // self.m, indices % self.m
+        i, j = TokenGrid.split_index(indices, self.m)
         return torch.cat([self.semantic.lookup(i), self.texture.lookup(i, j)], dim=-1)
 
 

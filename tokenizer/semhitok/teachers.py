@@ -143,7 +143,7 @@ class InceptionTeacher(Teacher):
 
 
 def _packaged_inception() -> Path:
-    from semhitok.assets import inception_path  # verified path of the PyPI-shipped asset
+    from semhitok.runtime.assets import inception_path  # verified path of the PyPI-shipped asset
 
     return Path(inception_path())
 

@@ -9,7 +9,7 @@ A run lives in `out_dir`: `config.yaml` (the resolved run config), `log.jsonl`, 
 teacher instead), `checkpoints/step-XXXXXX/` and, at the end, `model/` (`SemHiTok.save_pretrained`, EMA weights
 when `train.ema_decay > 0`). Starting a run whose `out_dir` holds a complete checkpoint resumes it exactly
 (model, EMA, optimizers, discriminator, step, RNG, data order) from the newest intact one; a resume with a different
-config is refused. One run at a time owns `out_dir` (`semhitok.runlock`); a second one is refused with one line.
+config is refused. One run at a time owns `out_dir` (`semhitok.runtime.runlock`); a second one is refused with one line.
 Under `torchrun` (RANK / WORLD_SIZE set) the run is data-parallel (gloo on CPU, nccl on CUDA); rank 0 logs and saves.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import itertools
-import json
 import math
 import os
 import random
@@ -41,18 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from semhitok.checkpoint import (
-    CheckpointError,
-    flatten_state,
-    load_resume_point,
-    restore_optimizer,
-    restore_rng,
-    save_checkpoint,
-)
 from semhitok.config import PRESETS, PixelConfig, SemanticConfig, SemHiTokConfig
-from semhitok.configio import ConfigError, apply_overrides, from_dict, merge_dicts, read_yaml, save_config, to_dict
-from semhitok.data import BadItem, ImageFolderDataset, SkipCounter, collate_skip_bad, to_pil
-from semhitok.distributed import DistInfo, init_distributed, resolve_device
 from semhitok.losses import (
     adaptive_weight,
     build_discriminator,
@@ -62,17 +50,40 @@ from semhitok.losses import (
     gan_active,
     pixel_losses,
     semantic_loss,
+    vq_loss,
 )
 from semhitok.metrics import psnr
-from semhitok.model import STAGES, SemHiTok
-from semhitok.runlock import hold_run_folder
+from semhitok.model import STAGES, SemHiTok, StageForward
+from semhitok.runtime.checkpoint import (
+    CheckpointError,
+    flatten_state,
+    load_resume_point,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
+from semhitok.runtime.configio import (
+    ConfigError,
+    apply_overrides,
+    check_lr,
+    config_diff,
+    from_dict,
+    merge_dicts,
+    read_yaml,
+    save_config,
+    to_dict,
+)
+from semhitok.runtime.data import BadItem, ImageFolderDataset, SkipCounter, collate_skip_bad, to_pil
+from semhitok.runtime.distributed import DistInfo, init_distributed, resolve_device
+from semhitok.runtime.loop import MAX_EMPTY_BATCHES, EmptyBatches, append_jsonl, console, skipped_line, truncate_log
+from semhitok.runtime.precision import Precision, resolve_precision
+from semhitok.runtime.runlock import hold_run_folder
 from semhitok.teachers import Teacher, build_teacher
 from semhitok.types import QuantizerOutput
 
 NUM_SAMPLES = 8  # holdout images in every sample grid / holdout evaluation
-MAX_EMPTY_BATCHES = 1000  # consecutive batches without a usable sample that stop a run (or one epoch, if fewer)
 # Keys a resumed run may change: they steer the loop's cadence, not what it computes.
-RESUMABLE_CHANGES = ("out_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
+RESUMABLE_CHANGES = ("out_dir", "train.precision", "train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                      "train.keep_last", "train.data.num_workers")
 # Model-config keys a stage takes from its own run config although its weights come from `init_from`.
 FRESH_FROM_RUN = MappingProxyType({
@@ -134,7 +145,7 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; 0 = all
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA only; CPU runs in fp32
+    precision: Precision = "auto"  # auto | bf16 | fp32 (semhitok.runtime.precision: auto = bf16 where native)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -166,12 +177,6 @@ class TokenizerRunConfig:
             raise ValueError("model.pixel.use_enhance_decoder is set by stage 2b itself; leave it false")
 
 
-def check_lr(key: str, lr: float) -> None:
-    """A learning rate is a finite number > 0 (both trainers' configs)."""
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"{key} must be a finite number > 0, got {lr}")
-
-
 def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TokenizerRunConfig:
     """YAML run config + `a.b=value` overrides. An optional top-level `preset:` (a name in PRESETS) is the base of
     `model:`, which then lists only the differences. Unknown keys / bad values raise ConfigError."""
@@ -181,16 +186,6 @@ def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> T
         raise ConfigError(f"{path}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     base = {"model": to_dict(PRESETS[preset] if preset else SemHiTokConfig()), "train": to_dict(TrainConfig())}
     return from_dict(TokenizerRunConfig, apply_overrides(merge_dicts(base, data), overrides))
-
-
-def config_diff(a: Any, b: Any, ignore: Sequence[str] = (), where: str = "") -> list[str]:
-    """Dotted keys whose values differ between two `to_dict` trees, as 'key: a vs b' (keys in `ignore` skipped)."""
-    if where in ignore:
-        return []
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b))
-                for d in config_diff(a.get(k), b.get(k), ignore, f"{where}.{k}" if where else k)]
-    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -331,54 +326,6 @@ def image_grid(rows: Sequence[Tensor]) -> Image.Image:
     return to_pil(torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1))
 
 
-def console(text: str, bar: tqdm) -> None:
-    """One line on stdout that does not break `bar`'s progress display."""
-    if bar.disable:
-        print(text, flush=True)
-    else:
-        bar.write(text)
-
-
-def skipped_line(step: int, skipped: int, skips: SkipCounter) -> str:
-    """The console line of a log step whose interval skipped samples: how many, and why (a few files and reasons)."""
-    return f"step {step}: {skipped} sample(s) skipped since the last log; {skips.summary(max_files=3)}"
-
-
-@dataclass
-class EmptyBatches:
-    """Counts consecutive batches without a usable sample (on some rank). `limit` of them in a row (both trainers:
-    one epoch, at most MAX_EMPTY_BATCHES) mean the data cannot train: ConfigError saying how many samples were
-    skipped and why, instead of drawing batches forever."""
-
-    limit: int
-    count: int = 0
-
-    def update(self, usable: bool, skips: SkipCounter) -> None:
-        self.count = 0 if usable else self.count + 1
-        if self.count >= self.limit:
-            raise ConfigError(f"no usable training sample in {self.count} consecutive batches: "
-                              f"{skips.summary(max_files=3)}")
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after `step` by a run killed after its last checkpoint (and a line cut by the kill)."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
 # ------------------------------------------------------------------------------------------------------ model
 
 
@@ -391,9 +338,8 @@ def stage1_objective(out: dict[str, Any], s: SemanticConfig) -> tuple[Tensor, di
 
 
 def vq_objective(q: QuantizerOutput, p: PixelConfig) -> Tensor:
-    """Weighted stage-2 codebook + commitment terms; the frozen semantic level's terms carry no gradient, left out."""
-    weights = {"codebook": p.codebook_weight, "commit": p.commit_weight}
-    return sum(weights[k.rsplit("/", 1)[-1]] * v for k, v in q.losses.items() if not k.startswith("semantic/"))
+    """Weighted stage-2 codebook + commitment terms; `losses.vq_loss` owns which weight each term name takes."""
+    return vq_loss(q.losses, p)
 
 
 def _codebook_names(terms: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -464,7 +410,7 @@ class TokenizerTrainer:
         self.device = device or resolve_device(run.train.device)
         self.out = Path(run.out_dir)
         self.stage = self.t.stage
-        self.bf16 = self.t.precision == "bf16" and self.device.type == "cuda"
+        self.precision = resolve_precision(self.t.precision, self.device)
         self.step = self.batches_seen = self.saved_step = 0
         self.skips = SkipCounter()
         self._seed(self.t.seed)
@@ -476,7 +422,8 @@ class TokenizerTrainer:
         self._build_optimizers()
         if found is not None:
             self._resume(*found)
-        self.model = _wrap_ddp(self.raw, self.device, sync_buffers=False)  # quantizers sync their own statistics
+        stage_forward = StageForward(self.raw, self.stage)  # DDP syncs gradients only through a module's forward
+        self.model = _wrap_ddp(stage_forward, self.device, sync_buffers=False)  # quantizers sync their own statistics
         self.disc = _wrap_ddp(self.raw_disc, self.device) if self.raw_disc is not None else None
         self.samples = first_images(holdout if len(holdout) else train_set, NUM_SAMPLES) if self.info.is_main else None
         if self.info.is_main:
@@ -550,9 +497,8 @@ class TokenizerTrainer:
         truncate_log(self.out / "log.jsonl", self.step)
         n_params = sum(p.numel() for p in self.params)
         start = f"resuming {ckpt}" if ckpt else "starting"
-        note = " (bf16 needs CUDA: running fp32)" if self.t.precision == "bf16" and not self.bf16 else ""
         print(f"stage {self.stage}: {start}; {n_train} train / {n_holdout} holdout images, {n_params / 1e6:.2f}M "
-              f"trainable params, {self.info.world_size} x {self.device}{note}", flush=True)
+              f"trainable params, {self.info.world_size} x {self.device}, {self.precision.describe()}", flush=True)
 
     # ---------------------------------------------------------------- loop
 
@@ -602,14 +548,14 @@ class TokenizerTrainer:
         return o.lr * min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        return self.precision.autocast(self.device)
 
     def train_step(self, images: Tensor) -> dict[str, Tensor]:
         """One optimizer step of the stage (+ one discriminator step once the GAN is on) -> metrics."""
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
         with self._autocast():
-            out = self.model(images, stage=self.stage)
+            out = self.model(images)
             loss, metrics = self._objective(out, images)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -677,7 +623,7 @@ class TokenizerTrainer:
         with self.ema.applied() if self.ema is not None else nullcontext():
             if self.stage == "1":
                 self.raw.eval()
-                out = self.raw.forward_stage1(x)
+                out = self.raw.semantic_forward(x)
                 self.raw.train()
                 record = {"holdout/semantic_cosine": F.cosine_similarity(
                     out["semantic_recon"].float(), out["semantic_target"].float(), dim=-1).mean().item()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -171,3 +172,19 @@ def save_config(obj: Any, path: str | Path) -> None:
     path, data = Path(path), to_dict(obj)
     text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
     path.write_text(text)
+
+
+def config_diff(a: Any, b: Any, ignore: Sequence[str] = (), where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two `to_dict` trees, as 'key: a vs b' (keys in `ignore` skipped)."""
+    if where in ignore:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b))
+                for d in config_diff(a.get(k), b.get(k), ignore, f"{where}.{k}" if where else k)]
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
+def check_lr(key: str, lr: float) -> None:
+    """A learning rate is a finite number > 0 (both trainers' configs)."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{key} must be a finite number > 0, got {lr}")

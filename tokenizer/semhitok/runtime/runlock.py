@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from semhitok.checkpoint import CheckpointError, clean_leftovers
+from semhitok.runtime.checkpoint import CheckpointError, clean_leftovers
 
 LOCK_NAME = ".lock"
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from semhitok.configio import ConfigError
+from semhitok.runtime.configio import ConfigError
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from semhitok.atomic import atomic_folder, remove_folder, remove_leftovers
+from semhitok.runtime.atomic import atomic_folder, remove_folder, remove_leftovers
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -293,7 +293,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
 def clean_leftovers(run_dir: str | os.PathLike) -> list[Path]:
     """Delete what killed runs left in `run_dir`: hidden temp / deleting folders of atomic writes (checkpoints and
     `run_dir`'s own exports) and `step-XXXXXX` folders without a COMPLETE marker. Returns them. Only the holder of
-    the run folder's lock (`semhitok.runlock`) may call this: a live writer's temp folder looks the same."""
+    the run folder's lock (`semhitok.runtime.runlock`) may call this: a live writer's temp folder looks the same."""
     root = Path(run_dir) / CHECKPOINTS
     incomplete = [p for p in root.iterdir() if _unfinished(p)] if root.is_dir() else []
     for path in incomplete:
