@@ -5,7 +5,15 @@ from typing import Literal
 
 import pytest
 
-from semhitok.runtime.configio import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
+from semhitok.runtime.configio import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    read_yaml,
+    save_config,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -63,3 +71,27 @@ def test_bad_overrides_and_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Run, tmp_path / "bad.yaml")
+
+
+def test_base_inheritance_merges_bases_in_order_then_the_file(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "common.yaml").write_text("model: {width: 8, depth: 2}\ntrain: {lr: 0.1, steps: 5}\n")
+    (tmp_path / "parts" / "stage.yaml").write_text("base: common.yaml\ntrain: {steps: 50, stage: b}\n")
+    (tmp_path / "family.yaml").write_text("model: {width: 16}\n")
+    leaf = tmp_path / "leaf.yaml"
+    leaf.write_text("base: [parts/stage.yaml, family.yaml]\ntrain: {lr: 0.5}\n")
+    assert read_yaml(leaf) == {"model": {"width": 16, "depth": 2}, "train": {"lr": 0.5, "steps": 50, "stage": "b"}}
+
+
+def test_base_errors_name_the_file(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"`base:` cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        read_yaml(a)
+    b.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml \(base of .*b\.yaml\)"):
+        read_yaml(a)
+    b.write_text("base: {x: 1}\n")
+    with pytest.raises(ConfigError, match="`base:` must be a file name or a list of file names"):
+        read_yaml(a)

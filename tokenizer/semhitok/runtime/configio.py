@@ -148,16 +148,30 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML run config as a dict, with inheritance: a top-level `base:` (a path relative to this file, or a list of
+    them) names files whose contents are merged first, in order (each may have its own `base:`); this file's keys
+    then override them key by key (`merge_dicts`). ConfigError names a missing file, bad YAML or an inheritance cycle."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in {p.resolve() for p in _chain}:
+        raise ConfigError(f"{path}: `base:` cycle: {' -> '.join(str(p) for p in (*_chain, path))}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
+    bases = data.pop("base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+        raise ConfigError(f"{path}: `base:` must be a file name or a list of file names, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        merged = merge_dicts(merged, read_yaml(path.parent / base, (*_chain, path)))
+    return merge_dicts(merged, data)
 
 
 def merge_dicts(base: dict, update: Mapping) -> dict:
