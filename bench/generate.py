@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
 
-from mllm.data.mixture import generation_prompt_ids
+from mllm.conversation import generation_prompt_ids
 from mllm.model import MLLMConfig, SemHiTokLM
 from mllm.sampling import SamplingConfig, left_pad, sample_image_ids
 from mllm.text_tokenizer import load_text_tokenizer

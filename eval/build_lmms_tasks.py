@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mllm.lmms_tasks import (
+from mllm.evaluation.lmms_tasks import (
     build_pope_tasks,
     coco_pope_records,
     synthetic_mme_records,

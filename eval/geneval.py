@@ -16,7 +16,14 @@ import json
 from pathlib import Path
 
 from mllm.cli import add_sampling_args, load, one_line_errors, sampling_config
-from mllm.geneval import format_summary, generate, load_metadata, score_folder, synthetic_metadata, write_metadata
+from mllm.evaluation.geneval import (
+    format_summary,
+    generate,
+    load_metadata,
+    score_folder,
+    synthetic_metadata,
+    write_metadata,
+)
 from semhitok.runtime import Parser, positive_int
 
 

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import posixpath
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -352,31 +351,3 @@ class CodeCache:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}
-
-
-# ---------------------------------------------------------------------------------------------------- benchmark
-
-
-def bench_cache_speedup(
-    tokenizer_dir: str | os.PathLike, cache: CodeCache, root: str | os.PathLike, keys: Sequence[str],
-    batch_size: int = 32, device: str = "cpu",
-) -> dict[str, float]:  # fmt: skip
-    """Seconds per image to get codes by re-encoding (image decode + `SemHiTok.encode` in batches, after one warm-up
-    batch) vs reading the cache one image at a time as the datasets do, and the ratios (`speedup` includes the image
-    decoding, `speedup_encode_only` does not)."""
-    tok, root = SemHiTok.from_pretrained(tokenizer_dir).to(device), Path(root)
-    size = tok.config.image_size
-    t0 = time.perf_counter()
-    images = torch.stack([to_tensor(load_image(root / k, size)) for k in keys])
-    tok.encode(images[:batch_size].to(device))  # warm-up (lazy init, allocator)
-    t1 = time.perf_counter()
-    for batch in images.split(batch_size):
-        tok.encode(batch.to(device)).semantic.cpu()
-    t2 = time.perf_counter()
-    for k in keys:
-        cache.grid(k)
-    t3 = time.perf_counter()
-    n = len(keys)
-    decode, encode, read = (t1 - t0) / n, (t2 - t1) / n, (t3 - t2) / n
-    return {"decode_s": decode, "encode_s": encode, "cache_s": read,
-            "speedup": (decode + encode) / read, "speedup_encode_only": encode / read}  # fmt: skip

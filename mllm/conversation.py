@@ -11,7 +11,7 @@ Templates:
     vicuna_v1      LLaVA-1.5's conv_vicuna_v1: "{system} USER: {q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>"
     chat_template  the tokenizer's own Jinja chat template (Qwen2.5 and SmolLM2: ChatML, `<|im_end|>` ends a turn)
 
-Turns are LLaVA's: dicts {"from": "human" | "gpt", "value": str} (or `mllm.data.Turn`), alternating, human first.
+Turns are LLaVA's: dicts {"from": "human" | "gpt", "value": str} (or `Turn`), alternating, human first.
 A token that straddles template text and a response (e.g. SentencePiece's "▁The" after "ASSISTANT:") is labelled:
 the model has to produce it to say the response.
 """
@@ -25,9 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
-from mllm.data.llava import IMAGE_PLACEHOLDER, ROLES, Turn
+from mllm.constants import GENERATION_PROMPT, IGNORE_INDEX, IMAGE_PLACEHOLDER, ROLES
 
-IGNORE_INDEX = -100
 HUMAN, GPT = ROLES
 CHAT_ROLES = {HUMAN: "user", GPT: "assistant"}
 VICUNA_SYSTEM = (
@@ -38,6 +37,12 @@ VICUNA_SYSTEM = (
 
 class ConversationError(ValueError):
     """A conversation, template or tokenizer that cannot give correct labels; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "human" | "gpt"
+    text: str
 
 
 @dataclass(frozen=True)
@@ -285,3 +290,10 @@ def tokenize_prompt(turns: Sequence[Mapping[str, Any] | Turn], tokenizer, templa
     template = get_template(template) if isinstance(template, str) else template
     rendered = template.render(check_turns(turns, last=HUMAN), tokenizer, add_generation_prompt=True)
     return _encode(tokenizer, rendered.text, template.add_special_tokens)[0]
+
+
+def generation_prompt_ids(caption: str, tokenizer, template: str, prompt: str = GENERATION_PROMPT) -> torch.Tensor:
+    """(L,) int64: the text-to-image prompt ending with the assistant prefix; caption "" = the unconditional prompt.
+    Training appends `<boi> ids <eoi>`; sampling appends `<boi>` and generates."""
+    text = prompt.format(caption=caption).strip()
+    return tokenize_prompt([{"from": HUMAN, "value": text}], tokenizer, template)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mllm.assets import resolve_reference
-from mllm.conversation import IGNORE_INDEX
+from mllm.constants import IGNORE_INDEX
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab, VocabError
 from semhitok import SemHiTok, TokenGrid

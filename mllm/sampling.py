@@ -32,9 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mllm.conversation import GPT, HUMAN, get_template, tokenize_prompt
-from mllm.data.llava import IMAGE_PLACEHOLDER
-from mllm.data.mixture import GENERATION_PROMPT, generation_prompt_ids
+from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
+from mllm.conversation import GPT, HUMAN, generation_prompt_ids, get_template, tokenize_prompt
 from mllm.model import CONFIG_NAME, SemHiTokLM
 from mllm.vocab import VisualVocab
 from semhitok import SemHiTok, TokenGrid

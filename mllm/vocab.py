@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mllm.conversation import IGNORE_INDEX
-from mllm.data.llava import IMAGE_PLACEHOLDER
+from mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from semhitok import TokenGrid
 from semhitok.runtime import from_dict, to_dict
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mllm.cli import checkpoint_dir, load, one_line_errors, save_images
-from mllm.geneval import format_summary, generate, score_folder, synthetic_metadata, write_metadata
+from mllm.evaluation.geneval import format_summary, generate, score_folder, synthetic_metadata, write_metadata
 from mllm.sampling import ChatSession, Inference, SamplingConfig, generate_images
 from mllm.synthetic import Scene, detect, detection_accuracy, score_geneval
 from mllm.synthetic.dataset import write_dataset

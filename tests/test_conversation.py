@@ -13,18 +13,18 @@ from itertools import groupby
 import pytest
 import torch
 
+from mllm.constants import IGNORE_INDEX
 from mllm.conversation import (
-    IGNORE_INDEX,
     VICUNA_SYSTEM,
     ChatTemplate,
     ConversationError,
+    Turn,
     check_turns,
     get_template,
     tokenize_conversation,
     tokenize_prompt,
     vicuna_v1,
 )
-from mllm.data import Turn
 from mllm.text_tokenizer import (
     QWEN2_ADDED_TOKENS,
     QWEN2_FIRST_ADDED_ID,

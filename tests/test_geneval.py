@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm.geneval import (
+from mllm.evaluation.geneval import (
     NOT_SCORABLE,
     generate,
     load_metadata,

@@ -20,7 +20,7 @@ import torch
 from helpers import build_tiny_mllm, save_tiny_world
 from test_mllm_model import random_grid
 
-from mllm.lmms_model import sampling_config
+from mllm.evaluation.lmms_model import sampling_config
 from mllm.sampling import ChatSession, SamplingConfig, generate_text, generate_texts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_a_model_path_that_is_not_a_checkpoint_is_one_line_and_exit_2(world, cap
 def test_the_entry_point_registers_our_model_class():
     import lmms_eval.models
 
-    from mllm.lmms_model import SemHiTokLMMS
+    from mllm.evaluation.lmms_model import SemHiTokLMMS
 
     assert lmms_eval.models.get_model("semhitok") is SemHiTokLMMS
 

@@ -17,10 +17,10 @@ from PIL import Image
 from test_mllm_model import random_grid
 from test_sampling import NUM, REPO, run_in_process
 
-import mllm.lmms_model
+import mllm.evaluation.lmms_model
 import mllm.sampling
 from mllm.cli import save_images
-from mllm.lmms_model import SemHiTokLMMS
+from mllm.evaluation.lmms_model import SemHiTokLMMS
 from mllm.model import CONFIG_NAME, MLLMConfig, RemoteCodeError, SemHiTokLM
 from mllm.sampling import ChatSession, SamplingConfig, generate_images, load_for_inference
 from mllm.vocab import VocabError
@@ -154,7 +154,7 @@ def test_lmms_batched_prompts_keep_typed_specials_as_text(world, monkeypatch):
         seen.extend(prompts)
         return [torch.zeros(0, dtype=torch.long) for _ in prompts]
 
-    monkeypatch.setattr(mllm.lmms_model, "generate_texts", capture)
+    monkeypatch.setattr(mllm.evaluation.lmms_model, "generate_texts", capture)
     visual = lambda doc: [Image.new("RGB", (32, 32), (200, 30, 30))] if doc else []  # noqa: E731
     lm._answer([(f"{TYPED}?", {"until": ["\n"]}, visual, d, "t", "test") for d in (0, 1)])
     assert [specials(ids, lm.run.model.vocab) for ids in seen] == [{"boi": 1, "eoi": 1, "image": 0},

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from mllm.codes import INDEX_NAME, CodeCache, CodeCacheError, extract_codes
-from mllm.conversation import IGNORE_INDEX, tokenize_conversation
-from mllm.data.llava import LlavaSample, Turn, load_llava
+from mllm.constants import IGNORE_INDEX
+from mllm.conversation import Turn, generation_prompt_ids, tokenize_conversation
+from mllm.data.llava import LlavaSample, load_llava
 from mllm.data.mixture import (
     IMAGE_CUT,
     MANY_PLACEHOLDERS,
@@ -34,7 +35,6 @@ from mllm.data.mixture import (
     TextToImageDataset,
     build_dataset,
     collate_lm,
-    generation_prompt_ids,
     load_captions,
 )
 from mllm.synthetic.dataset import write_dataset

@@ -18,7 +18,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from mllm.conversation import IGNORE_INDEX
+from mllm.constants import IGNORE_INDEX
 from mllm.model import (
     CONFIG_NAME,
     PARTS_NAME,

@@ -17,7 +17,7 @@ from PIL import Image
 from test_mllm_model import FAMILIES, GRID, random_grid
 
 import mllm.cli
-from mllm.data.mixture import generation_prompt_ids
+from mllm.conversation import generation_prompt_ids
 from mllm.sampling import (
     ChatSession,
     DecodingRows,

@@ -19,22 +19,15 @@ from typing import Any
 
 import torch
 
+from mllm.constants import IMAGE_PLACEHOLDER, ROLES
+from mllm.conversation import Turn
 from semhitok.runtime import DEFAULT_MAX_PIXELS, BadItem, ImageLoadError, load_image, read_json, read_jsonl, to_tensor
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
-ROLES = ("human", "gpt")
-
 
 class LlavaFormatError(ValueError):
     """A sample that does not follow the LLaVA conversation format."""
-
-
-@dataclass(frozen=True)
-class Turn:
-    role: str  # "human" | "gpt"
-    text: str
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ which instruction, caption dropout) are seeded by (seed, epoch, index), so a sam
 Layouts (`SampleBuilder` is the one place they are assembled; ids from the text tokenizer extended by VisualVocab):
     understanding  template(conversation) with `<image>` expanded by `VisualVocab.expand_placeholders`;
                    labels = the assistant tokens (+ their end-of-turn token) only
-    generation     (choice) the chat template's user turn GENERATION_PROMPT.format(caption) + assistant prefix, then
-                   `<boi> ids <eoi>`; labels = the image ids + `<eoi>` (`<boi>` is given: the sampler appends it).
-                   The unconditional prompt is the same with caption "" (`generation_prompt_ids(""...)`).
+    generation     (choice) the chat template's user turn GENERATION_PROMPT.format(caption) + assistant prefix
+                   (`mllm.conversation.generation_prompt_ids`), then `<boi> ids <eoi>`; labels = the image ids +
+                   `<eoi>` (`<boi>` is given: the sampler appends it). The unconditional prompt is the same with
+                   caption "" (`generation_prompt_ids(""...)`).
 Over-long samples: text is cut from the end to `max_length` and counted (`LMSample.num_truncated`), unless the cut
 would remove any image token (a partial image, or an image whose answer is cut anyway): then the sample is skipped
 (IMAGE_CUT), as is one with no label left (NO_TARGETS).
@@ -35,13 +36,13 @@ import torch
 from torch import Tensor
 
 from mllm.codes import CodeCache
-from mllm.conversation import IGNORE_INDEX, ConversationError, tokenize_conversation, tokenize_prompt
-from mllm.data.llava import IMAGE_PLACEHOLDER, LlavaSample, load_llava
+from mllm.constants import GENERATION_PROMPT, IGNORE_INDEX, IMAGE_PLACEHOLDER
+from mllm.conversation import ConversationError, generation_prompt_ids, tokenize_conversation
+from mllm.data.llava import LlavaSample, load_llava
 from mllm.vocab import VisualVocab, VocabError
 from semhitok.runtime import BadItem, read_jsonl
 
 UNDERSTANDING, GENERATION = "understanding", "generation"
-GENERATION_PROMPT = "Generate an image of: {caption}"  # (choice) a chat user turn; "" caption = unconditional
 BRIEF_INSTRUCTIONS = (  # LLaVA's brief-description instructions (pre-training on captions)
     "Describe the image concisely.",
     "Provide a brief description of the given image.",
@@ -96,13 +97,6 @@ class Skip(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def generation_prompt_ids(caption: str, tokenizer, template: str, prompt: str = GENERATION_PROMPT) -> Tensor:
-    """(L,) int64: the text-to-image prompt ending with the assistant prefix; caption "" = the unconditional prompt.
-    Training appends `<boi> ids <eoi>`; sampling appends `<boi>` and generates."""
-    text = prompt.format(caption=caption).strip()
-    return tokenize_prompt([{"from": "human", "value": text}], tokenizer, template)
 
 
 # ---------------------------------------------------------------------------------------------------- samples

@@ -1,6 +1,7 @@
 """lmms-eval's model registration for this project: the entry point `semhitok` of the group `lmms_eval.models`
 (pyproject.toml) names this module, which lmms-eval imports whenever it builds its model registry. It only imports
-the manifest type; the model class (mllm/lmms_model.py, torch, the checkpoint) loads when lmms-eval asks for it."""
+the manifest type; the model class (mllm/evaluation/lmms_model.py, torch, the checkpoint) loads when lmms-eval asks
+for it."""
 
 from __future__ import annotations
 
@@ -11,4 +12,4 @@ MODEL_ID = "semhitok"
 
 def manifests() -> list[ModelManifest]:
     """The models this project registers with lmms-eval."""
-    return [ModelManifest(model_id=MODEL_ID, simple_class_path="mllm.lmms_model.SemHiTokLMMS")]
+    return [ModelManifest(model_id=MODEL_ID, simple_class_path="mllm.evaluation.lmms_model.SemHiTokLMMS")]

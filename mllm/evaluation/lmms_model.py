@@ -1,5 +1,5 @@
-"""The lmms-eval model `semhitok` (registered by the entry point in mllm/lmms_manifest.py): a SemHiTok MLLM answering
-lmms-eval's `generate_until` requests in left-padded batches.
+"""The lmms-eval model `semhitok` (registered by the entry point in mllm/evaluation/lmms_manifest.py): a SemHiTok MLLM
+answering lmms-eval's `generate_until` requests in left-padded batches.
 
     lmms-eval --model semhitok --model_args pretrained=DIR[,device=auto,template=auto,seed=0] --batch_size 8 ...
     python eval/run_lmms.py --tasks mme,pope --model-path DIR --batch-size 8      (the same, offline-friendly)

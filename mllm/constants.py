@@ -1,0 +1,13 @@
+"""Constants of the MLLM's text side, owned here at the bottom layer: every other `mllm` module may import them, and
+this module imports no `mllm` module.
+
+    IGNORE_INDEX       label of a token nothing is learned on (`torch.nn.functional.cross_entropy`'s default)
+    IMAGE_PLACEHOLDER  the LLaVA placeholder one image's `<boi> ids <eoi>` replace
+    ROLES              LLaVA's turn roles (human, gpt), alternating, human first
+    GENERATION_PROMPT  (choice) the chat user turn of text-to-image; caption "" = the unconditional prompt
+"""
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("human", "gpt")
+GENERATION_PROMPT = "Generate an image of: {caption}"
