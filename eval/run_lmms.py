@@ -35,6 +35,8 @@ def build_parser() -> Parser:
     p.add_argument("--template", default="auto", help="conversation template the model was trained with")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (greedy tasks do not use it)")
     p.add_argument("--gen-kwargs", default=None, help="override every task's generation_kwargs, e.g. max_new_tokens=8")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto = bf16 weights where "
+                   "the device computes bf16 natively, else fp32")  # fmt: skip
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run Python code shipped with "
                    "the checkpoint's LLM; only for checkpoints whose source you trust")  # fmt: skip
     return p
@@ -45,7 +47,8 @@ def model_args(args) -> str:
     from mllm.cli import checkpoint_dir
 
     text = f"pretrained={checkpoint_dir(args.model_path)},device={args.device},template={args.template}"
-    return text + f",seed={args.seed}" + (",trust_remote_code=True" if args.trust_remote_code else "")
+    text += f",seed={args.seed},precision={args.precision}"
+    return text + (",trust_remote_code=True" if args.trust_remote_code else "")
 
 
 def resolve_tasks(manager, text: str) -> list[str]:

@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 from transformers.utils import logging as hf_logging
 
 from mllm.sampling import Inference, InferenceError, SamplingConfig, load_for_inference
-from semhitok.runtime import AssetError, ImageLoadError, fail, resolve_device, to_pil
+from semhitok.runtime import PRECISIONS, AssetError, ImageLoadError, fail, resolve_device, to_pil
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "mllm"  # the shipped demo MLLM (docs/demo.md)
 USER_ERRORS = (InferenceError, ImageLoadError, AssetError, OSError, ValueError)  # ConfigError, VocabError: ValueError
@@ -33,6 +33,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> No
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto = bf16 weights where the device "
+                        "computes bf16 natively (CUDA, avx512_bf16 CPUs), else fp32")  # fmt: skip
 
 
 def add_trust_remote_code_arg(parser: argparse.ArgumentParser) -> None:
@@ -72,8 +74,9 @@ def load(args: argparse.Namespace) -> Inference:
     for our progress and errors). Its code runs only with --trust-remote-code (False where a parser lacks the flag)."""
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    trust = vars(args).get("trust_remote_code", False)
-    return load_for_inference(checkpoint_dir(args.checkpoint), resolve_device(args.device, option="--device"), trust)
+    trust, precision = vars(args).get("trust_remote_code", False), vars(args).get("precision", "auto")
+    device = resolve_device(args.device, option="--device")
+    return load_for_inference(checkpoint_dir(args.checkpoint), device, trust, precision)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from mllm.conversation import GPT, HUMAN, generation_prompt_ids, get_template, t
 from mllm.model import CONFIG_NAME, SemHiTokLM
 from mllm.vocab import VisualVocab
 from semhitok import SemHiTok, TokenGrid
-from semhitok.runtime import load_image, to_tensor
+from semhitok.runtime import ResolvedPrecision, load_image, resolve_precision, to_tensor
 
 Progress = Callable[[Iterable[int]], Iterable[int]]  # e.g. tqdm: wraps the loop over image positions
 
@@ -378,11 +378,13 @@ class ChatSession:
 
 @dataclass
 class Inference:
-    """What sampling needs from a checkpoint: the model (eval mode), its text tokenizer and its SemHiTok."""
+    """What sampling needs from a checkpoint: the model (eval mode), its text tokenizer, its SemHiTok, and the
+    precision the model runs in (bf16: the MLLM's weights are bf16; the tokenizer stays fp32)."""
 
     model: SemHiTokLM
     tokenizer: Any
     semhitok: SemHiTok
+    precision: ResolvedPrecision | None = None
 
     def encode_image(self, path: str | Path) -> Tensor:
         """Image file -> (1, h·w) image ids. ImageLoadError (one line) for a missing or unreadable file."""
@@ -395,11 +397,13 @@ class Inference:
         return self.semhitok.decode(grid)
 
 
-def load_for_inference(directory: str | Path, device: str | torch.device = "cpu",
-                       trust_remote_code: bool = False) -> Inference:  # fmt: skip
+def load_for_inference(directory: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                       precision: str = "fp32") -> Inference:  # fmt: skip
     """Load a `SemHiTokLM.save_pretrained` / `export_merged` folder for sampling. InferenceError (one line) for a
     missing folder or a folder that is not an MLLM checkpoint (e.g. a SemHiTok tokenizer folder). Code shipped with
-    the checkpoint runs only with trust_remote_code (see `SemHiTokLM.from_pretrained`)."""
+    the checkpoint runs only with trust_remote_code (see `SemHiTokLM.from_pretrained`). `precision` auto | bf16 | fp32
+    (`semhitok.runtime.resolve_precision`): bf16 casts the MLLM's weights to bf16 (decoding streams half the bytes;
+    logits are sampled in fp32); the tokenizer stays fp32."""
     folder = Path(directory)
     if not folder.is_dir():
         raise InferenceError(f"checkpoint folder not found: {folder}")
@@ -408,4 +412,7 @@ def load_for_inference(directory: str | Path, device: str | torch.device = "cpu"
         raise InferenceError(f"{folder} is {kind}, not an MLLM checkpoint (no {CONFIG_NAME}): pass the folder "
                              "SemHiTokLM.save_pretrained wrote, e.g. <train.out_dir>/model")  # fmt: skip
     model, semhitok = SemHiTokLM.from_pretrained_with_semhitok(folder, trust_remote_code=trust_remote_code)
-    return Inference(model.to(device).eval(), model.load_text_tokenizer(), semhitok.to(device).eval())
+    device = torch.device(device)
+    resolved = resolve_precision(precision, device)
+    model = model.to(device, dtype=torch.bfloat16 if resolved.bf16 else None).eval()
+    return Inference(model, model.load_text_tokenizer(), semhitok.to(device).eval(), resolved)

@@ -73,17 +73,17 @@ class SemHiTokLMMS(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, device: str = "auto", batch_size: int | str = 1, template: str = "auto",
-                 seed: int | str = 0, trust_remote_code: bool = False, max_batch_size: int | None = None,
-                 **unknown) -> None:  # fmt: skip
+                 seed: int | str = 0, trust_remote_code: bool = False, precision: str = "auto",
+                 max_batch_size: int | None = None, **unknown) -> None:  # fmt: skip
         super().__init__()
         if unknown:
             raise ValueError(f"unknown model_args for semhitok: {', '.join(sorted(unknown))} "
-                             "(known: pretrained, device, batch_size, template, seed, trust_remote_code)")  # fmt: skip
+                             "(known: pretrained, device, batch_size, template, seed, trust_remote_code, precision)")  # fmt: skip
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(trust_remote_code, bool):  # lmms-eval parses True/False; anything else is a typo
             raise ValueError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
-        self.run = load_for_inference(pretrained, parse_device(str(device)), trust_remote_code)
+        self.run = load_for_inference(pretrained, parse_device(str(device)), trust_remote_code, str(precision))
         self.batch_size, self.template, self.seed = int(batch_size), template, int(seed)
         self.known = torch.arange(self.run.model.vocab.offset) < len(self.run.tokenizer)  # ids the tokenizer can write
 
