@@ -52,13 +52,19 @@ print-lock:
 # linux x86_64. Versions already locked are kept unless UPGRADE=1.
 LOCK_FLAGS = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-find-links \
 	--custom-compile-command "make lock" -q $(if $(UPGRADE),--upgrade)
-lock: $(INSTALLED)
+lock: $(VENV)/bin/uv
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval -c requirements/pins.txt \
 		-c requirements/torch-cpu.txt $(addprefix --find-links ,$(shell $(PIP) config get global.find-links 2>/dev/null)) \
 		$(LOCK_FLAGS) -o requirements/lock-cpu.txt
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval -c requirements/pins.txt \
 		-c requirements/torch-cuda.txt $(LOCK_FLAGS) -o requirements/lock-cuda.txt
 	$(VENV)/bin/uv pip compile requirements/assets.in --no-deps $(LOCK_FLAGS) -o $(ASSETS_LOCK)
+
+# uv alone, at the locked version: `make lock` must work while the venv no longer matches pyproject.toml.
+UV_VERSION = $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements/lock-cpu.txt)
+$(VENV)/bin/uv:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --no-deps "uv==$(UV_VERSION)"
 
 clean:
 	rm -rf $(VENV)
