@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from semhitok.metrics import PROTOCOL, evaluate_reconstruction, fid_features_for
 from semhitok.model import SemHiTok
+from semhitok.objectives import image_grid
 from semhitok.runtime import (
     AssetError,
     ConfigError,
@@ -26,7 +27,7 @@ from semhitok.runtime import (
     positive_int,
     resolve_device,
 )
-from semhitok.train import build_datasets, image_grid, load_run_config
+from semhitok.train import build_datasets, load_run_config
 
 NUM_EXAMPLES = 8
 TABLE = ("psnr", "ssim", "rfid", "semantic_cosine", "semantic_usage", "texture_usage", "semantic_perplexity",

@@ -1,5 +1,5 @@
 """Shared infrastructure of both trainers and every entry point (DESIGN §2): config loading, checkpoints and the
-run-folder lock, atomic folders, distributed launch, precision, the pieces of the training loop, image I/O and
+run-folder lock, atomic folders, distributed launch, precision, the training skeleton (`runtime.trainer`), image I/O and
 image datasets, JSON/JSONL readers, packaged assets and command-line plumbing.
 
 Nothing here knows the tokenizer: `semhitok.runtime` never imports the rest of `semhitok`. `mllm` and the scripts
@@ -59,7 +59,17 @@ from semhitok.runtime.data import (
     to_rgb,
     to_tensor,
 )
-from semhitok.runtime.distributed import DistInfo, init_distributed, resolve_device, unwrap_model
+from semhitok.runtime.distributed import resolve_device, unwrap_model
+from semhitok.runtime.launch import (
+    Launch,
+    barrier,
+    join_process_group,
+    rank_rng_states,
+    reduce_int,
+    restore_rank_rng,
+    seed_everything,
+    wrap_ddp,
+)
 from semhitok.runtime.loop import (
     MAX_EMPTY_BATCHES,
     EmptyBatches,
@@ -70,6 +80,16 @@ from semhitok.runtime.loop import (
 )
 from semhitok.runtime.precision import PRECISIONS, Precision, ResolvedPrecision, resolve_precision
 from semhitok.runtime.runlock import RunLock, RunLockError, hold_run_folder
+from semhitok.runtime.trainer import (
+    BatchStream,
+    Cadence,
+    RankZeroLog,
+    ResumableSampler,
+    TorchRunner,
+    Trainer,
+    run_training,
+    set_lr,
+)
 
 __all__ = [
     # assets
@@ -127,10 +147,17 @@ __all__ = [
     "to_rgb",
     "to_tensor",
     # distributed
-    "DistInfo",
-    "init_distributed",
     "resolve_device",
     "unwrap_model",
+    # launch
+    "Launch",
+    "barrier",
+    "join_process_group",
+    "rank_rng_states",
+    "reduce_int",
+    "restore_rank_rng",
+    "seed_everything",
+    "wrap_ddp",
     # loop
     "MAX_EMPTY_BATCHES",
     "EmptyBatches",
@@ -147,4 +174,13 @@ __all__ = [
     "RunLock",
     "RunLockError",
     "hold_run_folder",
+    # trainer
+    "BatchStream",
+    "Cadence",
+    "RankZeroLog",
+    "ResumableSampler",
+    "TorchRunner",
+    "Trainer",
+    "run_training",
+    "set_lr",
 ]

@@ -1,25 +1,11 @@
-"""Process-group plumbing shared by the tokenizer and MLLM trainers: launch detection, device, unwrapping."""
+"""Devices and wrapped modules shared by every entry point (the launch itself: `semhitok.runtime.launch`)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from semhitok.runtime.configio import ConfigError
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def resolve_device(kind: str, local_rank: int = 0, *, option: str = "train.device") -> torch.device:
@@ -44,17 +30,6 @@ def _check_cuda(device: torch.device, local_rank: int, where: str) -> torch.devi
     if index >= count:
         raise ConfigError(f"{where}: no CUDA device {index} ({count} visible)")
     return torch.device("cuda", index)
-
-
-def init_distributed(device_kind: str) -> tuple[DistInfo, torch.device]:
-    """Join the `torchrun` process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); else a single process."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = resolve_device(device_kind, int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world), device
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
