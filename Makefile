@@ -16,15 +16,20 @@ PIP_OPTS ?=
 UPGRADE ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow install assets lint lock print-lock clean
+.PHONY: demo app test test-slow install assets browser lint lock print-lock clean
 
 demo: assets
 	$(PY) scripts/demo.py
 
+# The web demo on the shipped checkpoint (gradio is in the lock's `app` extra); APP_ARGS='--port 8000 --checkpoint DIR'.
+APP_ARGS ?=
+app: assets
+	$(PY) scripts/app.py $(APP_ARGS)
+
 test: assets
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-slow: assets
+test-slow: assets browser
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 install: $(INSTALLED)
@@ -38,6 +43,13 @@ $(INSTALLED): $(LOCK) $(ASSETS_LOCK) pyproject.toml scripts/setup_env.py
 	$(PY) scripts/setup_env.py --lock $(LOCK) --assets $(ASSETS_LOCK) --sync
 	@echo $(LOCK) > $@
 
+# Headless Chromium + its driver for the browser test of the web demo (slow tier), from Debian's packages where
+# missing; without root or apt the test skips and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "browser: could not install chromium + chromium-driver; tests/test_app_browser.py will skip"
+
 # Cheap when nothing changed (checksums only), so it always runs: a deleted cache is rebuilt.
 assets: $(INSTALLED)
 	$(PY) scripts/setup_assets.py
@@ -48,15 +60,15 @@ lint: $(INSTALLED)
 print-lock:
 	@echo $(LOCK)
 
-# Regenerate both locks (and the assets lock) from pyproject.toml + requirements/pins.txt with uv, for Python 3.11 on
+# Regenerate both locks (and the assets lock) from pyproject.toml (extras dev, eval, app) + requirements/pins.txt with uv, for Python 3.11 on
 # linux x86_64. Versions already locked are kept unless UPGRADE=1.
 LOCK_FLAGS = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-find-links \
 	--custom-compile-command "make lock" -q $(if $(UPGRADE),--upgrade)
 lock: $(VENV)/bin/uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval -c requirements/pins.txt \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval --extra app -c requirements/pins.txt \
 		-c requirements/torch-cpu.txt $(addprefix --find-links ,$(shell $(PIP) config get global.find-links 2>/dev/null)) \
 		$(LOCK_FLAGS) -o requirements/lock-cpu.txt
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval -c requirements/pins.txt \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval --extra app -c requirements/pins.txt \
 		-c requirements/torch-cuda.txt $(LOCK_FLAGS) -o requirements/lock-cuda.txt
 	$(VENV)/bin/uv pip compile requirements/assets.in --no-deps $(LOCK_FLAGS) -o $(ASSETS_LOCK)
 

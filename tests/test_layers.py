@@ -1,6 +1,6 @@
 """Layering of `mllm`, read from the source (ast, nothing imported): lower layers own the constants, and no module
 imports a layer above it. Bottom to top: constants; vocab; conversation; code cache, data; model; sampling; train;
-evaluation bridges (lmms-eval, GenEval). Every import counts, including those inside functions."""
+evaluation bridges (lmms-eval, GenEval); the web demo (app). Every import counts, including those inside functions."""
 
 import ast
 from pathlib import Path
@@ -16,6 +16,7 @@ RULES = {
     "mllm.conversation": ({"mllm.constants"}, ()),
     "mllm.sampling": (None, ("mllm.data", "mllm.train", "mllm.evaluation")),
     "mllm.data": (None, ("mllm.sampling", "mllm.train", "mllm.evaluation")),
+    "mllm.app": (None, ("mllm.train", "mllm.data")),  # the web demo samples; it never trains
 }
 
 
