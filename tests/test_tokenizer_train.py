@@ -332,3 +332,24 @@ def test_a_bf16_step_matches_fp32_within_a_stated_tolerance(stage, stages, image
         assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.98
     else:
         assert (codes16 == codes32).float().mean() >= 0.85
+
+
+def test_code_probes_and_learning_curves_during_training(images, tmp_path):
+    """train.probe.data (a probe.jsonl as the synthetic dataset writes it): the teacher's probe row at step 0, the
+    student's / codes' at every sample step, in log.jsonl; the run draws curves.png at the end."""
+    from mllm.synthetic.dataset import write_dataset
+
+    probe = write_dataset(tmp_path / "probe", 24, 32, seed=4) / "probe.jsonl"
+    out = tmp_path / "run"
+    train(tiny(images, out, f"train.probe.data={probe}", "train.probe.images=20", "train.probe.epochs=2",
+               "train.probe.representations=[student,semantic_codes]"))  # fmt: skip
+    records = log_records(out)
+    teacher = [r for r in records if "probe/teacher/shape" in r]
+    live = [r for r in records if "probe/semantic_codes/shape" in r]
+    assert [r["step"] for r in teacher] == [0] and [r["step"] for r in live] == [4]
+    tasks = {k.rsplit("/", 1)[1] for k in live[0] if k.startswith("probe/student/")}
+    assert tasks == {"count", "color", "shape", "position", "category"}
+    assert all(0.0 <= v <= 1.0 for k, v in live[0].items() if k.startswith("probe/"))
+    assert (out / "curves.png").stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="train.probe.data: .*missing.jsonl"):
+        train(tiny(images, tmp_path / "bad", f"train.probe.data={tmp_path / 'missing.jsonl'}"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -143,3 +144,44 @@ def format_table(table: Mapping[str, Mapping[str, float]]) -> str:
     lines = [f"{'':<16}" + "".join(f"{t:>10}" for t in tasks)]
     lines += [f"{r:<16}" + "".join(f"{row[t]:>10.3f}" for t in tasks) for r, row in table.items()]
     return "\n".join(lines)
+
+
+def targets_from_rows(rows: list[dict[str, int | list[int]]]) -> dict[str, Tensor]:
+    """Per-image targets {task: int | list of 0/1} -> {task: (N,) int64 | (N, C) float}; every row names the same
+    tasks (ValueError names the first row that does not)."""
+    tasks = sorted(rows[0])
+    for k, row in enumerate(rows):
+        if sorted(row) != tasks:
+            raise ValueError(f"probe targets row {k + 1} has tasks {sorted(row)}, the first row {tasks}")
+    return {t: torch.tensor([r[t] for r in rows], dtype=torch.float32 if isinstance(rows[0][t], list) else torch.long)
+            for t in tasks}  # fmt: skip
+
+
+class ProbeSet:
+    """A fixed set of images with attribute targets, probed during training: teacher once, the live representations
+    (student, codes) at every call. `path`: JSON lines {"image": path relative to the file, "targets": {...}}
+    (`mllm.synthetic.dataset.write_dataset` writes `probe.jsonl`); the first `limit` rows are used, the first
+    `train_fraction` of them train each probe."""
+
+    def __init__(self, path: str | Path, image_size: int, limit: int, train_fraction: float = 0.8, epochs: int = 10):
+        from semhitok.runtime import load_image, read_jsonl, to_tensor
+
+        path = Path(path)
+        rows = [row for _, row in read_jsonl(path)][:limit]
+        if len(rows) < 10:
+            raise ValueError(f"{path}: {len(rows)} probe rows; at least 10 are needed")
+        self.images = torch.stack([to_tensor(load_image(path.parent / r["image"], image_size)) for r in rows])
+        self.targets = targets_from_rows([r["targets"] for r in rows])
+        cut = int(round(len(rows) * train_fraction))
+        self.train, self.test, self.epochs = torch.arange(cut), torch.arange(cut, len(rows)), epochs
+
+    def scores(self, model: nn.Module, names: tuple[str, ...], batch_size: int = 64) -> dict[str, float]:
+        """{"probe/<representation>/<task>": accuracy} for the representations `names` of `model` now."""
+        device = next(model.parameters()).device
+        parts = [code_representations(model, chunk.to(device)) for chunk in self.images.split(batch_size)]
+        out = {}
+        for name in names:
+            x = torch.cat([p[name] for p in parts])
+            for task, acc in probe_scores(x, self.targets, self.train, self.test, epochs=self.epochs).items():
+                out[f"probe/{name}/{task}"] = acc
+        return out

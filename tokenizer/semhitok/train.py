@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from semhitok.attribute_probe import PROBE_REPRESENTATIONS, ProbeSet
 from semhitok.config import PRESETS, SemHiTokConfig
 from semhitok.model import STAGES, SemHiTok, StageForward
 from semhitok.objectives import build_objective
@@ -66,7 +67,7 @@ from semhitok.teachers import Teacher, build_teacher
 NUM_SAMPLES = 8  # holdout images in every sample grid / holdout evaluation
 # Keys a resumed run may change: they steer the loop's cadence, not what it computes.
 RESUMABLE_CHANGES = ("out_dir", "train.precision", "train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
-                     "train.keep_last", "train.data.num_workers")
+                     "train.keep_last", "train.probe", "train.data.num_workers")
 # Model-config keys a stage takes from its own run config although its weights come from `init_from`.
 FRESH_FROM_RUN = MappingProxyType({
     "2": ("pixel", "quantizer", "loss", "teacher.path", "semantic.init_from_teacher"),  # copies the semantic branch
@@ -94,6 +95,24 @@ class DataConfig:
             raise ValueError(f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("data.batch_size must be >= 1 and data.num_workers >= 0")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Code probes during training (DESIGN §9): at every `train.sample_every` step, on rank 0, a per-patch MLP probe
+    (semhitok.attribute_probe) of each of `representations` on the first `images` rows of `data` (a probe.jsonl as
+    `scripts/render_synthetic.py` writes it; "" = off) -> `probe/<representation>/<task>` in log.jsonl; the teacher's
+    row once at the start of a fresh run."""
+
+    data: str = ""
+    images: int = 500
+    epochs: int = 10
+    representations: tuple[str, ...] = ("student", "semantic_codes", "both_codes")
+
+    def __post_init__(self) -> None:
+        allowed = [r for r in PROBE_REPRESENTATIONS if r != "teacher"]
+        if not set(self.representations) <= set(allowed) or self.images < 10 or self.epochs < 1:
+            raise ValueError(f"train.probe: representations from {allowed}, images >= 10, epochs >= 1")
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,7 @@ class TrainConfig:
     precision: Precision = "auto"  # auto | bf16 | fp32 (semhitok.runtime.precision: auto = bf16 where native)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage", str(self.stage))  # normalise 2 -> "2"
@@ -353,6 +373,7 @@ class TokenizerTrainer(Trainer):
         self.start(f"stage {self.stage}: {start}; {len(train_set)} train / {len(holdout)} holdout images, "
                    f"{n_params / 1e6:.2f}M trainable params, {launch.world_size} x {self.device}, "
                    f"{self.precision.describe()}")  # fmt: skip
+        self.probe_set = self._probe_set(t.probe) if launch.is_main and t.probe.data else None
 
     # ---------------------------------------------------------------- the step
 
@@ -394,12 +415,23 @@ class TokenizerTrainer(Trainer):
         if self.samples is not None:
             self.evaluate()
 
+    def _probe_set(self, p: ProbeConfig) -> ProbeSet:
+        try:
+            probe = ProbeSet(p.data, self.cfg.image_size, p.images, epochs=p.epochs)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"train.probe.data: {' '.join(str(err).split())}") from None
+        if self.step == 0:  # the teacher does not train: its row once, at the start of a fresh run
+            self.log.write({"step": 0, **probe.scores(self.raw, ("teacher",))})
+        return probe
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Holdout images through the (EMA) model, by the stage's objective (stage 1: cosine to the teacher; 2 / 2b:
         L1, PSNR and `samples/step-XXXXXX.png`), appended to log.jsonl."""
         with self.ema.applied() if self.ema is not None else nullcontext():
             record = self.objective.evaluate(self.samples.to(self.device), self.out, self.step)
+            if self.probe_set is not None:
+                record.update(self.probe_set.scores(self.raw, self.t.probe.representations))
         self.log.write({"step": self.step, **record})
         return record
 

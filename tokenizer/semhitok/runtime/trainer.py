@@ -296,6 +296,16 @@ class Trainer:
         restore_rng(groups["rng"])
 
 
+def write_curves(out: Path) -> None:
+    """out/log.jsonl -> out/curves.png (learning curves, silently); a run that logged nothing gets a line instead."""
+    from semhitok.runtime.plots import plot_curves
+
+    try:
+        plot_curves(out / LOG_NAME, out / "curves.png", out.name)
+    except (OSError, ValueError) as err:
+        print(f"learning curves not drawn: {err}", flush=True)
+
+
 def run_training(launch: Launch, out_dir: str, build: Callable[[], Trainer]) -> Path:
     """Join the launcher's process group, hold the run folder (one run per out_dir), build -> fit -> export.
     Returns the exported folder."""
@@ -305,6 +315,8 @@ def run_training(launch: Launch, out_dir: str, build: Callable[[], Trainer]) -> 
             trainer = build()
             trainer.fit()
             path = trainer.export()
+            if launch.is_main:
+                write_curves(Path(out_dir))
             barrier()  # no rank tears the group down while another still has collectives in flight
         return path
     finally:
