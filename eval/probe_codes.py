@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from mllm.synthetic.dataset import sample_dataset_scenes
 from mllm.synthetic.probe_targets import probe_targets
 from mllm.synthetic.render import render
-from semhitok.attribute_probe import code_representations, format_table, probe_table
+from semhitok.attribute_probe import batched_code_representations, format_table, probe_table
 from semhitok.model import SemHiTok
 from semhitok.runtime import (
     ImageFolderDataset,
@@ -35,29 +35,15 @@ from semhitok.runtime import (
 )
 
 
-def batched_representations(model: SemHiTok, images, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """images: an iterable of (3, S, S) tensors -> {representation: (N, L, D)}."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    batch: list[torch.Tensor] = []
-    for image in [*images, None]:
-        if image is not None:
-            batch.append(image)
-        if batch and (image is None or len(batch) == batch_size):
-            for name, rep in code_representations(model, torch.stack(batch).to(device)).items():
-                parts.setdefault(name, []).append(rep)
-            batch = []
-    return {name: torch.cat(reps) for name, reps in parts.items()}
-
-
-def synthetic_set(model: SemHiTok, n: int, seed: int, batch_size: int, device: torch.device):
+def synthetic_set(model: SemHiTok, n: int, seed: int, batch_size: int):
     """n held-out scenes rendered at the tokenizer's size -> (representations, targets)."""
     scenes, _, _ = sample_dataset_scenes(n, np.random.default_rng(seed))
     size = model.config.image_size
-    images = (to_tensor(render(scene, size)) for scene in scenes)
-    return batched_representations(model, images, batch_size, device), probe_targets(scenes)
+    images = torch.stack([to_tensor(render(scene, size)) for scene in scenes])
+    return batched_code_representations(model, images, batch_size=batch_size), probe_targets(scenes)
 
 
-def folder_set(model: SemHiTok, folder: Path, per_class: int | None, batch_size: int, device: torch.device):
+def folder_set(model: SemHiTok, folder: Path, per_class: int | None, batch_size: int):
     """An image folder (one sub-folder per class) -> (representations, {"class": labels}), in a seeded shuffled order."""
     dataset = ImageFolderDataset(folder, model.config.image_size)
     if len(dataset.classes) < 2:
@@ -68,7 +54,7 @@ def folder_set(model: SemHiTok, folder: Path, per_class: int | None, batch_size:
     for batch in DataLoader(Subset(dataset, [keep[i] for i in order]), batch_size, collate_fn=collate_skip_bad):
         images += list(batch["image"])
         labels += batch["label"].tolist()
-    return batched_representations(model, images, batch_size, device), {"class": torch.tensor(labels)}
+    return batched_code_representations(model, torch.stack(images), batch_size=batch_size), {"class": torch.tensor(labels)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         model = SemHiTok.from_pretrained(args.checkpoint).to(device)
         model.teacher  # noqa: B018 (build it now: missing teacher weights fail here, not mid-run)
         if args.data is not None:
-            reps, targets = folder_set(model, args.data, args.per_class, args.batch_size, device)
+            reps, targets = folder_set(model, args.data, args.per_class, args.batch_size)
         else:
-            reps, targets = synthetic_set(model, args.scenes, args.seed, args.batch_size, device)
+            reps, targets = synthetic_set(model, args.scenes, args.seed, args.batch_size)
     except (OSError, ValueError) as err:
         fail(p.prog, " ".join(str(err).split()))
     n = len(next(iter(targets.values())))

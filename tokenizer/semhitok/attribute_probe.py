@@ -30,17 +30,32 @@ PROBE_REPRESENTATIONS = ("teacher", "student", "semantic_codes", "texture_codes"
 
 
 @torch.no_grad()
-def code_representations(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
-    """images (B, 3, H, W) in [-1, 1] -> {name in PROBE_REPRESENTATIONS: (B, L, D) float32 on the CPU}."""
+def code_representations(model: nn.Module, images: Tensor,
+                         names: tuple[str, ...] = PROBE_REPRESENTATIONS) -> dict[str, Tensor]:  # fmt: skip
+    """images (B, 3, H, W) in [-1, 1] -> {name: (B, L, D) float32 on the CPU} for `names` (each computed only when
+    asked for: the teacher is the expensive one)."""
     was_training = model.training
     model.eval()
     try:
-        sem, pix = (e.flatten(1, 2) for e in model.code_embeddings(model.encode(images)))  # (B, L, d) each
-        out = {"teacher": model.teacher_features(images), "student": model.semantic_latent(images),
-               "semantic_codes": sem, "texture_codes": pix, "both_codes": torch.cat([sem, pix], dim=-1)}  # fmt: skip
+        out = {}
+        if "teacher" in names:
+            out["teacher"] = model.teacher_features(images)
+        if "student" in names:
+            out["student"] = model.semantic_latent(images)
+        if {"semantic_codes", "texture_codes", "both_codes"} & set(names):
+            sem, pix = (e.flatten(1, 2) for e in model.code_embeddings(model.encode(images)))  # (B, L, d) each
+            out.update(semantic_codes=sem, texture_codes=pix, both_codes=torch.cat([sem, pix], dim=-1))
     finally:
         model.train(was_training)
-    return {k: v.float().cpu() for k, v in out.items()}
+    return {k: out[k].float().cpu() for k in names}
+
+
+def batched_code_representations(model: nn.Module, images: Tensor, names: tuple[str, ...] = PROBE_REPRESENTATIONS,
+                                 batch_size: int = 64) -> dict[str, Tensor]:  # fmt: skip
+    """`code_representations` of images (N, 3, H, W), `batch_size` at a time on the model's device -> (N, L, D)."""
+    device = next(model.parameters()).device
+    parts = [code_representations(model, chunk.to(device), names) for chunk in images.split(batch_size)]
+    return {name: torch.cat([p[name] for p in parts]) for name in names}
 
 
 @dataclass(frozen=True)
@@ -177,11 +192,8 @@ class ProbeSet:
 
     def scores(self, model: nn.Module, names: tuple[str, ...], batch_size: int = 64) -> dict[str, float]:
         """{"probe/<representation>/<task>": accuracy} for the representations `names` of `model` now."""
-        device = next(model.parameters()).device
-        parts = [code_representations(model, chunk.to(device)) for chunk in self.images.split(batch_size)]
         out = {}
-        for name in names:
-            x = torch.cat([p[name] for p in parts])
+        for name, x in batched_code_representations(model, self.images, names, batch_size).items():
             for task, acc in probe_scores(x, self.targets, self.train, self.test, epochs=self.epochs).items():
                 out[f"probe/{name}/{task}"] = acc
         return out
