@@ -11,6 +11,12 @@ Templates:
     vicuna_v1      LLaVA-1.5's conv_vicuna_v1: "{system} USER: {q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>"
     chat_template  the tokenizer's own Jinja chat template (Qwen2.5 and SmolLM2: ChatML, `<|im_end|>` ends a turn)
 
+System prompt (`conversation_template(name, system)`; training and inference take it from `MLLMConfig.system_prompt`):
+"" = none, None = the template's own default, other text = that prompt. "" truly removes the system turn of chat
+templates that inject a default one when no system message is given (SmolLM2: "You are a helpful AI assistant named
+SmolLM, ...", Qwen2.5: "You are Qwen, ..."): the template renders with its default and the injected system turn is
+cut out again (`ChatTemplate`); a template whose injected turn cannot be located is a ConversationError.
+
 Turns are LLaVA's: dicts {"from": "human" | "gpt", "value": str} (or `Turn`), alternating, human first.
 A token that straddles template text and a response (e.g. SentencePiece's "▁The" after "ASSISTANT:") is labelled:
 the model has to produce it to say the response.
@@ -19,7 +25,7 @@ the model has to produce it to say the response.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -102,17 +108,20 @@ def _assemble(segments: Sequence[tuple[str, bool]]) -> Rendered:
 @dataclass(frozen=True)
 class SeparatorTemplate:
     """LLaVA's SeparatorStyle.TWO: system + sep, then "ROLE: text" + sep after human turns, + sep2 after gpt turns.
-    Targets: " " + response + sep2 (the generation prompt ends with "ASSISTANT:")."""
+    Targets: " " + response + sep2 (the generation prompt ends with "ASSISTANT:").
+    system: None = `default_system`; "" = no system prompt (the conversation starts at "USER:")."""
 
     name: str
-    system: str
+    default_system: str
+    system: str | None = None
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = " "
     sep2: str = "</s>"
     add_special_tokens: bool = True
 
     def render(self, turns: Sequence[tuple[str, str]], tokenizer, add_generation_prompt: bool = False) -> Rendered:
-        segments = [(self.system + self.sep, False)]
+        system = self.default_system if self.system is None else self.system
+        segments = [(system + self.sep, False)] if system else []
         for role, text in turns:
             gpt = role == GPT  # the prompt ends at "ASSISTANT:", so the model also says the space after it
             segments += [(self.roles[gpt] + ":", False), (" " + text, gpt), (self.sep2 if gpt else self.sep, gpt)]
@@ -128,7 +137,8 @@ class SeparatorTemplate:
 class ChatTemplate:
     """The tokenizer's own Jinja chat template, rendered by `tokenizer.apply_chat_template`.
 
-    system:             system prompt; None keeps the template's default (Qwen2.5: "You are Qwen, ...")
+    system:             system prompt; None keeps the template's default (Qwen2.5: "You are Qwen, ..."); "" renders
+                        none: a default system turn the template injects is cut out (`_strip_default_system`)
     end_of_turn_marker: text that ends assistant turns; None means tokenizer.eos_token (`<|im_end|>` for both ChatML
                         LLMs here)
 
@@ -166,11 +176,42 @@ class ChatTemplate:
 
     def _apply(self, tokenizer, roles: Sequence[str], contents: Sequence[str], add_generation_prompt: bool) -> str:
         messages = [{"role": CHAT_ROLES[r], "content": c} for r, c in zip(roles, contents, strict=True)]
-        if self.system is not None:
+        if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConversationError(f"{type(tokenizer).__name__} has no chat template; use the vicuna_v1 template")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = _chat(tokenizer, messages, add_generation_prompt)
+        return _strip_default_system(tokenizer, text) if self.system == "" else text
+
+
+def _chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConversationError(f"{type(tokenizer).__name__} has no chat template; use the vicuna_v1 template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _strip_default_system(tokenizer, text: str) -> str:
+    """`text` (a chat rendering that starts with a user message) without the system turn the template injected.
+
+    Located with sentinel contents: without a system message the text before the first user content is `injected`;
+    with an explicit system message S it is pre + S + mid. The template injects a system turn when `injected` is
+    pre + (its default) + mid. pre ends with the system role header and mid with the user role header, both the
+    generation prompt (the assistant header, ChatML "<|im_start|>assistant\n") with the role name replaced; without a
+    system turn the text starts with pre minus the system header, then the user header."""
+    user, system = "\ue000u\ue001", "\ue000s\ue001"
+    plain = _chat(tokenizer, [{"role": "user", "content": user}])
+    injected = plain[: plain.index(user)]
+    explicit = _chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}])
+    pre, found, rest = explicit.partition(system)
+    mid = rest[: rest.find(user)]
+    if not found or user not in rest or not (injected.startswith(pre) and injected[len(pre) :].endswith(mid)):
+        return text  # the template injects no system turn
+    prompt = _chat(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)[len(plain) :]
+    sys_header, user_header = (prompt.replace(CHAT_ROLES[GPT], role) for role in ("system", CHAT_ROLES[HUMAN]))
+    if CHAT_ROLES[GPT] not in prompt or not (pre.endswith(sys_header) and mid.endswith(user_header)):
+        raise ConversationError("cannot locate the default system turn of this chat template to remove it; set "
+                                "model.system_prompt to a text (or null to keep the template's default)")  # fmt: skip
+    if not text.startswith(injected):
+        raise ConversationError("the chat template's default system turn is not where it renders for one user turn")
+    return pre[: len(pre) - len(sys_header)] + user_header + text[len(injected) :]
 
 
 def _split_on(text: str, sentinels: Sequence[str]) -> list[str]:
@@ -185,16 +226,22 @@ def _split_on(text: str, sentinels: Sequence[str]) -> list[str]:
     return [*pieces, text[pos:]]
 
 
-vicuna_v1 = SeparatorTemplate(name="vicuna_v1", system=VICUNA_SYSTEM)
+vicuna_v1 = SeparatorTemplate(name="vicuna_v1", default_system=VICUNA_SYSTEM)
 chat_template = ChatTemplate()
 TEMPLATES: Mapping[str, Template] = MappingProxyType({t.name: t for t in (vicuna_v1, chat_template)})
 
 
 def get_template(name: str) -> Template:
-    """The named template preset (see TEMPLATES)."""
+    """The named template preset (see TEMPLATES), with the template's own default system prompt."""
     if name not in TEMPLATES:
         raise ConversationError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def conversation_template(name: str, system: str | None = "") -> Template:
+    """The named template with a system prompt: "" none (an injected default is removed), None the template's own
+    default (vicuna_v1: LLaVA's; chat templates: whatever they inject), other text that prompt."""
+    return replace(get_template(name), system=system)
 
 
 def check_turns(turns: Sequence[Mapping[str, Any] | Turn], last: str = GPT) -> list[tuple[str, str]]:
@@ -292,7 +339,7 @@ def tokenize_prompt(turns: Sequence[Mapping[str, Any] | Turn], tokenizer, templa
     return _encode(tokenizer, rendered.text, template.add_special_tokens)[0]
 
 
-def generation_prompt_ids(caption: str, tokenizer, template: str, prompt: str = GENERATION_PROMPT) -> torch.Tensor:
+def generation_prompt_ids(caption: str, tokenizer, template: Template | str, prompt: str = GENERATION_PROMPT) -> torch.Tensor:
     """(L,) int64: the text-to-image prompt ending with the assistant prefix; caption "" = the unconditional prompt.
     Training appends `<boi> ids <eoi>`; sampling appends `<boi>` and generates."""
     text = prompt.format(caption=caption).strip()

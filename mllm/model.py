@@ -6,6 +6,8 @@ Parts around the LLM, all in this file:
     FlatImageHead / FactorizedImageHead   hidden -> K*m image logits (flat), or i over K then j over m given i
     SpecialRows      trainable embedding / output rows of `<boi>`, `<eoi>`, `<image>` that override the LLM's rows,
                      so the new tokens train even when the LLM is frozen or LoRA-adapted
+    image_embedding  (`image_input: embedding | both`, an option; the adapter alone is the default, the paper's design)
+                     an own trainable input row per image id, instead of / added to the adapter's output
 The code vectors of all K*m image ids are copied once from the SemHiTok checkpoint into frozen buffers: training never
 runs the tokenizer. Text ids use the LLM's own embedding and lm_head; image ids are inline in `input_ids`
 (`VisualVocab`), so one masked scatter places every image embedding. Losses are computed on the labelled positions
@@ -16,7 +18,7 @@ The LLM is only touched through generic HF APIs (`get_input_embeddings`, `get_ou
 (Models that post-process logits after lm_head, e.g. Gemma-2 soft-capping, are not special-cased.)
 
 Checkpoint folder (`save_pretrained`): mllm_config.json, vocab.json, mllm_parts.safetensors (adapter, head, special
-rows), lora/ (PEFT adapter, when LoRA trains) or llm/ (whole HF model and its text tokenizer, when the LLM trains
+rows, image rows), lora/ (PEFT adapter, when LoRA trains) or llm/ (whole HF model and its text tokenizer, when the LLM trains
 fully). The base LLM and the SemHiTok checkpoint are referenced by path, not copied; relative paths in a saved
 mllm_config.json are relative to its folder. `export_merged` writes a plain HF folder (LoRA merged, special rows
 written in, extended tokenizer) plus our parts.
@@ -74,7 +76,16 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class MLLMConfig:
-    """The wrapped model: which LLM and tokenizer checkpoint, adapter and head shapes, and what trains."""
+    """The wrapped model: which LLM and tokenizer checkpoint, adapter and head shapes, and what trains.
+
+    image_input: what embeds an image id. "adapter" (default, the paper's design): the dual-MLP adapter on its frozen
+    code vectors. "embedding": an own trainable row per image id (K*m x hidden parameters, e.g. 0.8 B for 196,608 ids
+    at 4096), initialised to the adapter's output on the code table; the adapter then does not train. "both": the
+    adapter's output + an own row initialised to 0. The rows train with `train_adapter` whatever `train_llm` is
+    (frozen, lora, full) and are saved with the other parts (mllm_parts.safetensors, also in export_merged).
+    system_prompt: the system prompt every conversation is rendered with, in training (the data) and inference (chat,
+    generate, lmms-eval, GenEval): "" none (a default the chat template injects is removed), null the template's own
+    default (what checkpoints saved before this key were trained with), other text that prompt."""
 
     llm: str  # local HF folder of the base causal LM
     semhitok: str  # SemHiTok checkpoint folder (config.json + model.safetensors)
@@ -88,6 +99,8 @@ class MLLMConfig:
     head_width: int = 0  # factorized: width of the texture branch; 0 = the LLM's hidden size
     loss_chunk_size: int = 1024  # labelled positions per checkpointed loss chunk
     wrap_understanding_images: bool = True  # understanding images are `<boi> ids <eoi>` too (else bare ids)
+    image_input: Literal["adapter", "embedding", "both"] = "adapter"  # what embeds image ids (see the class doc)
+    system_prompt: str | None = ""  # of every conversation, training and inference: "" none, null the template's own
     train_adapter: bool = True
     train_head: bool = True
     train_special_tokens: bool = True
@@ -104,13 +117,18 @@ class MLLMConfig:
 
 
 ADDED_KEYS = ("image_grid",)  # newer than some saved checkpoints: filled from their SemHiTok when they load
+# Keys newer than some saved checkpoints, with what those checkpoints were trained with (not today's default): the
+# image ids went through the adapter only, and conversations carried the template's default system prompt.
+LEGACY_VALUES: Mapping[str, object] = MappingProxyType({"image_input": "adapter", "system_prompt": None})
 
 
 def read_config(path: Path) -> MLLMConfig:
-    """Strict load of a saved mllm_config.json: unknown, missing or mistyped keys raise ConfigError naming them."""
+    """Strict load of a saved mllm_config.json: unknown, missing or mistyped keys raise ConfigError naming them
+    (keys a checkpoint predates get its LEGACY_VALUES)."""
     if not path.is_file():
         raise FileNotFoundError(f"missing {path.name} in {path.parent}")
     data = json.loads(path.read_text())
+    data = {**LEGACY_VALUES, **data} if isinstance(data, dict) else data
     config = from_dict(MLLMConfig, data)
     missing = [k for k in _missing_keys(to_dict(config), data) if k not in ADDED_KEYS]
     if missing:  # a default silently filling a saved key would change the model
@@ -333,9 +351,13 @@ class SemHiTokLM(nn.Module):
         self.adapter = DualMLPAdapter(d_sem, d_pix, config.adapter_width_sem, config.adapter_width_pix, hidden)
         self.head = build_image_head(config, hidden, vocab.K, vocab.m)
         self.special = SpecialRows(vocab.special_ids, llm.get_input_embeddings(), llm.get_output_embeddings())
-        flags = (config.train_adapter, config.train_head, config.train_special_tokens)
-        for part, trains in zip(self.parts().values(), flags, strict=True):
-            part.to(dtype).requires_grad_(trains)
+        rows = config.image_input != "adapter"
+        self.image_embedding = nn.Embedding(vocab.num_image_ids, hidden) if rows else None  # (K*m, D) image_input
+        trains = {"adapter": config.train_adapter and config.image_input != "embedding", "head": config.train_head,
+                  "special": config.train_special_tokens, "image_embedding": config.train_adapter}  # fmt: skip
+        for name, part in self.parts().items():
+            part.to(dtype).requires_grad_(trains[name])
+        self.init_image_embedding()
         self.llm = self._prepare_llm(llm)
 
     def _prepare_llm(self, llm: nn.Module) -> nn.Module:
@@ -354,7 +376,22 @@ class SemHiTokLM(nn.Module):
 
     def parts(self) -> nn.ModuleDict:
         """Our trained parts (saved in mllm_parts.safetensors), keyed by their prefix there."""
-        return nn.ModuleDict({"adapter": self.adapter, "head": self.head, "special": self.special})
+        rows = {"image_embedding": self.image_embedding} if self.image_embedding is not None else {}
+        return nn.ModuleDict({"adapter": self.adapter, "head": self.head, "special": self.special, **rows})
+
+    @torch.no_grad()
+    def init_image_embedding(self, chunk: int = 4096) -> None:
+        """Start the image rows where the adapter is: `embedding` rows = the adapter's output on the code table,
+        `both` rows (added to it) = 0. A no-op without image rows (`image_input: adapter`)."""
+        if self.image_embedding is None:
+            return
+        rows = self.image_embedding.weight  # (K*m, D)
+        if self.config.image_input == "both":
+            rows.zero_()
+            return
+        for start in range(0, len(rows), chunk):
+            part = slice(start, start + chunk)
+            rows[part] = self.adapter(self.code_sem[part].to(rows.device), self.code_pix[part].to(rows.device))
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -374,9 +411,13 @@ class SemHiTokLM(nn.Module):
         return embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
 
     def image_embeds(self, image_ids: Tensor) -> Tensor:
-        """Image ids (…) -> adapter embeddings (…, D)."""
+        """Image ids (…) -> embeddings (…, D): the adapter on their code vectors, their own rows (`image_input:
+        embedding`), or both added."""
         index = self.vocab.ids_to_index(image_ids)
-        return self.adapter(self.code_sem[index], self.code_pix[index])
+        if self.image_embedding is not None and self.config.image_input == "embedding":
+            return self.image_embedding(index)
+        feats = self.adapter(self.code_sem[index], self.code_pix[index])
+        return feats if self.image_embedding is None else feats + self.image_embedding(index)
 
     def backbone(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                  past_key_values=None, use_cache: bool = False):  # fmt: skip
@@ -403,7 +444,8 @@ class SemHiTokLM(nn.Module):
         """Training step, both directions. input_ids, labels (B, L) int64 with image ids inline (placeholders expanded,
         `VisualVocab.expand_placeholders` / `segment`); labels IGNORE_INDEX where nothing is learned, and labels[:, t]
         is predicted at t - 1 (HF convention); attention_mask (B, L) or None.
-        Returns {"loss", "loss_text", "loss_image"}: token-mean CE over all / text / image targets (0 if none)."""
+        Returns {"loss", "loss_text", "loss_image"}: token-mean CE over all / text / image targets (0 if none), and
+        {"n_text", "n_image"}: how many targets each mean is over (float scalars; the objective weights the means)."""
         hidden = self.backbone(self.embed(input_ids), attention_mask).last_hidden_state  # (B, L, D)
         hidden, target = hidden[:, :-1], labels[:, 1:]  # position t predicts label t + 1
         text, image = self._target_masks(target)
@@ -415,7 +457,24 @@ class SemHiTokLM(nn.Module):
             "loss": (sum_text + sum_image) / (n_text + n_image).clamp(min=1),
             "loss_text": sum_text / n_text.clamp(min=1),
             "loss_image": sum_image / n_image.clamp(min=1),
+            "n_text": n_text.float(),
+            "n_image": n_image.float(),
         }
+
+    @torch.no_grad()
+    def sequence_nll(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
+        """Teacher-forced NLL per row (diagnostics, scoring answers): inputs as in `forward` -> {"text", "image"}: (B,)
+        float32 NLL summed over each row's text / image targets, {"n_text", "n_image"}: (B,) int64 their counts.
+        Rows are independent: a row scores the same alone or right-padded in a batch."""
+        hidden = self.backbone(self.embed(input_ids), attention_mask).last_hidden_state[:, :-1]  # (B, L-1, D)
+        target = labels[:, 1:]
+        text, image = self._target_masks(target)
+        rows = torch.arange(len(target), device=target.device)[:, None].expand_as(target)  # (B, L-1)
+        per_token = F.cross_entropy(self.text_logits(hidden[text]).float(), target[text], reduction="none")  # (N,)
+        text_nll = torch.zeros(len(target), device=target.device).index_add_(0, rows[text], per_token)
+        image_nll = torch.stack([self.head.loss_sum(h[m], self.vocab.ids_to_index(t[m])).float()
+                                 for h, t, m in zip(hidden, target, image, strict=True)])  # fmt: skip
+        return {"text": text_nll, "n_text": text.sum(1), "image": image_nll, "n_image": image.sum(1)}
 
     def _text_loss_sum(self, hidden: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(self.text_logits(hidden).float(), target, reduction="sum")

@@ -33,7 +33,15 @@ import torch
 from torch import Tensor
 
 from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
-from mllm.conversation import GPT, HUMAN, generation_prompt_ids, get_template, tokenize_prompt
+from mllm.conversation import (
+    GPT,
+    HUMAN,
+    Template,
+    conversation_template,
+    generation_prompt_ids,
+    get_template,
+    tokenize_prompt,
+)
 from mllm.model import CONFIG_NAME, SemHiTokLM
 from mllm.vocab import VisualVocab
 from semhitok import SemHiTok, TokenGrid
@@ -230,19 +238,20 @@ def generate_images(model: SemHiTokLM, prompts: Sequence[str], cfg: SamplingConf
     """Captions (P,) -> TokenGrid (P·N, h, w) of sampled codes (row p·N + n = image n of prompt p).
 
     tokenizer: the model's text tokenizer (default `model.load_text_tokenizer()`); template / prompt_format: how the
-    model was trained (DataConfig.template / .prompt; "auto" = the tokenizer's chat template, else vicuna_v1);
+    model was trained (DataConfig.template / .prompt; "auto" = the tokenizer's chat template, else vicuna_v1; the
+    system prompt is the model's `config.system_prompt`);
     grid: token grid side (default: the model's `config.image_grid`). InferenceError for an empty prompt or one
     that does not fit the context with the image."""
     if not prompts:
         raise InferenceError("no prompts given")
     tokenizer = tokenizer if tokenizer is not None else model.load_text_tokenizer()
-    template, (h, w) = resolve_template(template, tokenizer), (grid, grid) if grid else model.config.image_grid
+    template, (h, w) = model_template(model, template, tokenizer), (grid, grid) if grid else model.config.image_grid
     cond = [_generation_prompt(model, p, k, tokenizer, template, prompt_format, h * w) for k, p in enumerate(prompts)]
     uncond = generation_prompt_ids("", tokenizer, template, prompt_format) if cfg.cfg_scale != 1.0 else None
     return model.vocab.from_ids(sample_image_ids(model, cond, uncond, h * w, cfg, progress).cpu(), h, w)
 
 
-def _generation_prompt(model: SemHiTokLM, caption: str, k: int, tokenizer, template: str, prompt_format: str,
+def _generation_prompt(model: SemHiTokLM, caption: str, k: int, tokenizer, template: Template, prompt_format: str,
                        num_tokens: int) -> Tensor:  # fmt: skip
     if not caption.strip():
         raise InferenceError(f"prompt {k} is empty: give a caption (the empty prompt is the unconditional one)")
@@ -273,6 +282,12 @@ def resolve_template(name: str, tokenizer) -> str:
     if name != "auto":
         return get_template(name).name
     return "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+
+
+def model_template(model: SemHiTokLM, name: str, tokenizer) -> Template:
+    """The template `name` (`resolve_template`) with the system prompt the model was trained with
+    (`MLLMConfig.system_prompt`), so inference renders prompts as its training data was rendered."""
+    return conversation_template(resolve_template(name, tokenizer), model.config.system_prompt)
 
 
 # ---------------------------------------------------------------------------------------------------- text
@@ -350,7 +365,7 @@ class ChatSession:
         for k, (q, a) in enumerate(exchanges):
             q = f"{IMAGE_PLACEHOLDER}\n{q}" if k == 0 and self.image_ids is not None else q
             turns += [{"from": HUMAN, "value": q}] + ([{"from": GPT, "value": a}] if a is not None else [])
-        ids = tokenize_prompt(turns, self.tokenizer, resolve_template(self.template, self.tokenizer))
+        ids = tokenize_prompt(turns, self.tokenizer, model_template(self.model, self.template, self.tokenizer))
         # our placeholder opens the first question, and only template text (no `<image>`) comes before it
         ids = plain_specials(ids, self.tokenizer, self.model.vocab, placeholders=int(self.image_ids is not None))
         if self.image_ids is None:

@@ -6,6 +6,7 @@ mode Vicuna uses and the non-legacy one that breaks LLaVA's per-round arithmetic
 The labelled tokens must decode to exactly the assistant responses plus their end-of-turn token, in order.
 """
 
+import copy
 import random
 import unicodedata
 from itertools import groupby
@@ -20,6 +21,7 @@ from mllm.conversation import (
     ConversationError,
     Turn,
     check_turns,
+    conversation_template,
     get_template,
     tokenize_conversation,
     tokenize_prompt,
@@ -239,6 +241,49 @@ def test_token_straddling_template_and_response_is_labelled(qwen):
 def test_system_prompt_override(qwen):
     sample = tokenize_conversation(CONV[:2], qwen, ChatTemplate(system="Be brief."), 512)
     assert qwen.decode(sample.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+
+
+DEFAULT_SYSTEM = {"qwen": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                  "smollm2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["qwen", "smollm2"])
+def test_no_system_prompt_removes_the_injected_default_turn(request, family):
+    """system "" (the training / inference default): the template's injected system turn is gone, token for token;
+    the rest (labels too) is what the template renders; None keeps the default; prompts render the same way."""
+    tokenizer = request.getfixturevalue(family)
+    none, default = conversation_template("chat_template", ""), conversation_template("chat_template", None)
+    bare, kept = (tokenize_conversation(CONV, tokenizer, t, 512) for t in (none, default))
+    system_turn = f"<|im_start|>system\n{DEFAULT_SYSTEM[family]}<|im_end|>\n"
+    n_system = len(tokenizer(system_turn, add_special_tokens=False)["input_ids"])
+    assert tokenizer.decode(kept.input_ids).startswith(system_turn) and n_system > 10
+    assert tokenizer.decode(bare.input_ids).startswith("<|im_start|>user\n<image>\nWhat color")
+    assert "system" not in tokenizer.decode(bare.input_ids)
+    assert torch.equal(bare.input_ids, kept.input_ids[n_system:]) and torch.equal(bare.labels, kept.labels[n_system:])
+    prompt = tokenize_prompt(CONV[:3], tokenizer, none)
+    assert torch.equal(prompt, bare.input_ids[: len(prompt)])
+    assert tokenizer.decode(prompt).endswith("And the cat?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_no_system_prompt_with_templates_that_inject_none_or_cannot_be_read(qwen):
+    """A template without a default system turn renders as it is; vicuna_v1 "" drops LLaVA's system line; a template
+    whose injected turn cannot be located is a one-line error naming the fix."""
+    plain = copy.copy(qwen)
+    plain.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fmt: skip
+    rendered = conversation_template("chat_template", "").render([("human", "hi"), ("gpt", "yo")], plain)
+    assert rendered.text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    vicuna = conversation_template("vicuna_v1", "").render([("human", "hi"), ("gpt", "yo")], plain)
+    assert vicuna.text == "USER: hi ASSISTANT: yo</s>"
+    assert conversation_template("vicuna_v1", None).render([("human", "hi")], plain).text.startswith(VICUNA_SYSTEM)
+    odd = copy.copy(qwen)
+    odd.chat_template = ("{% if messages[0]['role'] != 'system' %}[SYS]hello[/SYS]{% endif %}{% for m in messages %}"
+                         "{% if m['role'] == 'system' %}[SYS]{{ m['content'] }}[/SYS]{% else %}<{{ m['role'] }}>"
+                         "{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}{% if add_generation_prompt %}"
+                         "<assistant>{% endif %}")  # fmt: skip
+    assert conversation_template("chat_template", "Be kind.").render([("human", "hi")], odd).text.startswith("[SYS]Be")
+    with pytest.raises(ConversationError, match=r"cannot locate the default system turn .* set model.system_prompt"):
+        conversation_template("chat_template", "").render([("human", "hi")], odd)
 
 
 def test_truncation_is_counted_never_raised(qwen):

@@ -22,6 +22,7 @@ from test_mllm_model import random_grid
 
 from mllm.evaluation.lmms_model import sampling_config
 from mllm.sampling import ChatSession, SamplingConfig, generate_text, generate_texts
+from mllm.synthetic import SHORT_ANSWER
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("random", "popular", "adversarial")
@@ -146,13 +147,12 @@ def test_run_lmms_scores_equal_those_recomputed_from_its_samples(world, tmp_path
         docs = pq.read_table(world / "tasks" / "synthetic" / f"{parquet}.parquet").to_pydict()
         expected = mme_perception(samples[task], docs)
         assert results["results"][task]["mme_perception_score,none"] == pytest.approx(expected)
-    # the built-in tasks read the same documents from the hub cache; they ask with LLaVA's default suffix, the local
-    # tasks with their `semhitok` prompt entry (selected by the model name)
+    # the built-in tasks read the same documents from the hub cache; both ask with lmms-eval's default suffix, LLaVA's,
+    # which the synthetic training conversations use too (no per-model prompt entry)
     local, builtin = samples["synthetic_pope_random"], samples["pope"]
     assert [s["doc_id"] for s in local] == [s["doc_id"] for s in builtin]
     for a, b in zip(local, builtin, strict=True):
-        assert a["input"].endswith("? Answer yes or no.") and b["input"].endswith("\nAnswer the question using a single word or phrase.")
-        assert a["input"].removesuffix(" Answer yes or no.") == b["input"].split("\n")[0]
+        assert a["input"] == b["input"] and a["input"].endswith(f"?{SHORT_ANSWER}")
     config = results["config"]
     assert config["batch_size"] == 3 and config["limit"] == 14 and config["gen_kwargs"] == {"max_new_tokens": 1}
     assert f"pretrained={world / 'yes-no'}" in config["model_args"] and "seed=0" in config["model_args"]

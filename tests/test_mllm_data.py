@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from mllm.codes import INDEX_NAME, CodeCache, CodeCacheError, extract_codes
 from mllm.constants import IGNORE_INDEX
-from mllm.conversation import Turn, generation_prompt_ids, tokenize_conversation
+from mllm.conversation import Turn, conversation_template, generation_prompt_ids, tokenize_conversation
 from mllm.data.llava import LlavaSample, load_llava
 from mllm.data.mixture import (
     IMAGE_CUT,
@@ -44,7 +44,7 @@ from semhitok.runtime import BadItem, SkipCounter, load_image, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["semhitok-tiny"]
-TEMPLATE = "chat_template"
+TEMPLATE = conversation_template("chat_template", "")  # what SampleBuilder renders by default: no system prompt
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def world(tmp_path_factory):
     vocab = VisualVocab.create(text, TINY.K, TINY.m)
     codes = CodeCache(root / "codes", tokenizer=root / "tok")
     return {"root": root, "text": text, "vocab": vocab, "codes": codes,
-            "builder": SampleBuilder(text, vocab, codes, TEMPLATE, max_length=512)}  # fmt: skip
+            "builder": SampleBuilder(text, vocab, codes, "chat_template", max_length=512)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- code cache
@@ -197,9 +197,30 @@ def test_generation_labels_image_ids_and_eoi(world):
         assert torch.equal(item.input_ids, torch.cat([prompt, segment])) and segment[0] == vocab.boi_id
         assert torch.equal(item.labels[item.labels != IGNORE_INDEX], segment[1:])  # image ids + <eoi>
         assert vocab.is_image_id(segment[1:-1]).all() and segment[-1] == vocab.eoi_id
-    assert text.decode(generation_prompt_ids("", text, TEMPLATE)).endswith(
-        "Generate an image of:<|im_end|>\n<|im_start|>assistant\n"
+    assert text.decode(generation_prompt_ids("", text, TEMPLATE)) == (
+        "<|im_start|>user\nGenerate an image of:<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_samples_carry_no_system_prompt_unless_asked(world):
+    """SmolLM2's chat template injects "You are a helpful AI assistant named SmolLM, ..." when a conversation has no
+    system message: the default (system "") removes those tokens, null keeps them, a text replaces them."""
+    turns = [{"from": "human", "value": "<image>\nIs there a red circle?"}, {"from": "gpt", "value": "Yes"}]
+    key, text = load_captions(world["root"] / "synth/scenes.jsonl")[0].image, world["text"]
+    rendered = {}
+    for system in ("", None, "Be brief."):
+        builder = dataclasses.replace(world["builder"], system=system)
+        rendered[system] = builder.understanding(turns, key).input_ids
+        decoded = text.decode(rendered[system])
+        assert decoded.startswith({"": "<|im_start|>user\n", None: "<|im_start|>system\nYou are a helpful AI",
+                                   "Be brief.": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"}[system])  # fmt: skip
+        assert decoded.count("<|im_start|>system") == (system != "")
+        prompt = text.decode(builder.generation("a red circle", key).input_ids)
+        assert prompt.startswith("<|im_start|>user\n") == (system == "")
+    default = text("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n",
+                   add_special_tokens=False)["input_ids"]  # fmt: skip
+    assert len(rendered[None]) - len(rendered[""]) == len(default) > 10
+    assert torch.equal(rendered[None][len(default) :], rendered[""])  # the rest is token for token the same
 
 
 def test_caption_dropout_is_ten_percent_and_deterministic(world):

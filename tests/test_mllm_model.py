@@ -18,7 +18,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from mllm.constants import IGNORE_INDEX
+from mllm.constants import GENERATION_PROMPT, IGNORE_INDEX
+from mllm.conversation import VICUNA_SYSTEM
+from mllm.data.mixture import SampleBuilder
 from mllm.model import (
     CONFIG_NAME,
     PARTS_NAME,
@@ -485,3 +487,101 @@ def test_real_smollm2_lora_step_save_load_and_export(assets, tmp_path, dtype):
         assert torch.allclose(merged, wrapped, atol=1e-4)
     else:  # W + BA is rounded to bf16 once merged (LoRA runs unmerged in fp32): ~1% off through 30 layers
         assert (merged - wrapped).abs().mean() < 0.03 * wrapped.abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------------- image rows
+
+
+@pytest.mark.parametrize("image_input", ["embedding", "both"])
+def test_image_rows_start_where_the_adapter_is(assets, image_input):
+    """The own image rows are initialised so the model is unchanged: same logits as the adapter-only model."""
+    adapter, tokenizer = build(assets, "llama")
+    rows, _ = build(assets, "llama", image_input=image_input)
+    batch = mixed_batch(adapter, tokenizer)
+    assert rows.image_embedding.weight.shape == (adapter.vocab.num_image_ids, 32)
+    for a, b in zip(logits(adapter, *batch[:2]), logits(rows, *batch[:2]), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("train_llm", ["frozen", "lora", "full"])
+def test_image_rows_train_in_every_llm_mode_and_round_trip(assets, tmp_path, train_llm):
+    model, tokenizer = build(assets, "qwen2", image_input="embedding", train_llm=train_llm)
+    batch = mixed_batch(model, tokenizer)
+    assert model.image_embedding.weight.requires_grad and not model.adapter.proj.weight.requires_grad
+    before = model.image_embedding.weight.detach().clone()
+    train(model, batch, steps=3, lr=1e-2)
+    used = model.vocab.ids_to_index(batch[0][model.vocab.is_image_id(batch[0])]).unique()
+    changed = (model.image_embedding.weight != before).any(-1)
+    assert changed[used].all() and not changed[~torch.isin(torch.arange(len(changed)), used)].any()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = SemHiTokLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.image_input == "embedding"
+    for a, b in zip(logits(model, *batch[:2]), logits(loaded, *batch[:2]), strict=True):
+        assert torch.equal(a, b)
+    if train_llm == "lora":  # the merged export carries the rows too
+        model.export_merged(tmp_path / "export")
+        for a, b in zip(logits(model, *batch[:2]), logits(SemHiTokLM.from_pretrained(tmp_path / "export"), *batch[:2]),
+                        strict=True):  # fmt: skip
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_new_config_keys_of_old_checkpoints_load_as_they_were_trained(assets, tmp_path):
+    """A mllm_config.json written before image_input / system_prompt existed loads as it was trained: the adapter,
+    and the template's default system prompt (null); a bad value is named."""
+    model, _ = build(assets)
+    model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    assert config["image_input"] == "adapter" and config["system_prompt"] == ""
+    old = {k: v for k, v in config.items() if k not in ("image_input", "system_prompt")}
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(old))
+    loaded = SemHiTokLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.image_input == "adapter" and loaded.config.system_prompt is None
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps({**config, "image_input": "rows"}))
+    with pytest.raises(ConfigError, match=r"image_input: 'rows' is not one of \['adapter', 'embedding', 'both'\]"):
+        SemHiTokLM.from_pretrained(tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+def test_sequence_nll_is_per_row_and_matches_the_forward(assets):
+    model, tokenizer = build(assets, "llama", head="factorized")
+    ids, mask, labels = mixed_batch(model, tokenizer)
+    with torch.no_grad():
+        rows = model.sequence_nll(ids, mask, labels)
+        for b in range(len(ids)):
+            n = int(mask[b].sum())
+            alone = model(ids[b : b + 1, :n], None, labels[b : b + 1, :n])
+            single = model.sequence_nll(ids[b : b + 1, :n], None, labels[b : b + 1, :n])
+            for part in ("text", "image"):
+                assert int(rows[f"n_{part}"][b]) == int(alone[f"n_{part}"])
+                assert torch.allclose(rows[part][b], alone[f"loss_{part}"] * alone[f"n_{part}"], atol=1e-4)
+                assert torch.allclose(rows[part][b], single[part][0], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+
+
+@pytest.mark.parametrize("system", ["", None, "be brief"])
+def test_inference_prompts_render_as_the_training_data(assets, system):
+    """ChatSession's prompt is token for token the training sample up to the answer, and generate_images' prompt
+    the generation sample up to `<boi>`, whatever the model's system_prompt (vicuna_v1: "" none, None LLaVA's)."""
+    from mllm.diagnostics import MemoryCodes
+    from mllm.sampling import ChatSession, _generation_prompt, model_template
+
+    model, tokenizer = build(assets, "llama", system_prompt=system)
+    grid = random_grid(1)
+    builder = SampleBuilder(tokenizer, model.vocab, MemoryCodes({"x": grid}, model.vocab.K, model.vocab.m),
+                            "vicuna_v1", system=system)  # fmt: skip
+    sample = builder.understanding([{"from": "human", "value": "<image>\nwhat color is it"},
+                                    {"from": "gpt", "value": "red"}], "x")  # fmt: skip
+    prompt = ChatSession(model, tokenizer, model.vocab.to_ids(grid)).prompt_ids("what color is it")
+    assert torch.equal(sample.input_ids[: len(prompt)], prompt)
+    assert (sample.labels[: len(prompt)] == IGNORE_INDEX).all() and (sample.labels[len(prompt) :] != IGNORE_INDEX).all()
+    generation = builder.generation("a red cat", "x").input_ids
+    template = model_template(model, "auto", tokenizer)
+    prefix = _generation_prompt(model, "a red cat", 0, tokenizer, template, GENERATION_PROMPT, 16)
+    assert torch.equal(generation[: len(prefix) + 1], torch.cat([prefix, torch.tensor([model.vocab.boi_id])]))
+    system_text = VICUNA_SYSTEM if system is None else system  # words of the word-level tokenizer (no BOS)
+    expected = f"{system_text} USER: <image> what color is it ASSISTANT:"
+    assert len(prompt) == len(tokenizer(expected)["input_ids"]) - 1 + 18  # <image> -> <boi> + 16 ids + <eoi>

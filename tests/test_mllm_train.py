@@ -26,12 +26,15 @@ from transformers import AutoModelForCausalLM
 
 from mllm.conversation import IGNORE_INDEX
 from mllm.data.mixture import LMSample
+from mllm.diagnostics import LOG_KEYS
 from mllm.model import SemHiTokLM
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.train import (
     STAGE_PARTS,
+    LossConfig,
     MLLMRunConfig,
     build_model,
+    combine,
     deepspeed_config,
     detect_launch,
     grad_accum_of,
@@ -42,7 +45,7 @@ from mllm.train import (
 )
 from mllm.vocab import VisualVocab
 from semhitok import PRESETS, SemHiTok
-from semhitok.runtime import ConfigError
+from semhitok.runtime import ConfigError, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_mllm.py"
@@ -188,6 +191,61 @@ def test_shipped_configs_are_valid():
              for name in ("pretrain", "instruct")}  # fmt: skip
     assert (llava["pretrain"].lr, llava["pretrain"].global_batch_size, llava["pretrain"].epochs) == (1e-3, 256, 1)
     assert (llava["instruct"].lr, llava["instruct"].global_batch_size) == (2e-5, 128)
+
+
+def test_loss_combines_per_modality_means_or_one_token_mean(world, tmp_path):
+    """train.loss: modality (default) = w_text * text mean + w_image * image mean, a modality without targets adding
+    0; tokens = one weighted mean over all targets (weights 1: the plain token mean)."""
+    out = {"loss_text": torch.tensor(2.0), "loss_image": torch.tensor(6.0), "n_text": torch.tensor(3.0),
+           "n_image": torch.tensor(96.0)}  # fmt: skip
+    assert combine(out, LossConfig()) == 8.0 and combine(out, LossConfig(text=2.0, image=0.5)) == 7.0
+    assert combine(out, LossConfig(mode="tokens")) == pytest.approx((2 * 3 + 6 * 96) / 99)
+    assert combine(out, LossConfig(mode="tokens", text=2.0, image=0.5)) == pytest.approx((4 * 3 + 3 * 96) / 99)
+    no_image = {**out, "loss_image": torch.tensor(0.0), "n_image": torch.tensor(0.0)}  # the forward's mean over none
+    assert combine(no_image, LossConfig()) == combine(no_image, LossConfig(mode="tokens")) == 2.0
+    run = tiny_run(world, tmp_path, "train.loss.mode=tokens", "train.loss.image=0.25")
+    assert run.train.loss == LossConfig(mode="tokens", text=1.0, image=0.25)
+    assert tiny_run(world, tmp_path).train.loss == LossConfig(mode="modality", text=1.0, image=1.0)
+    for bad, match in (("train.loss.mode=mean", r"train.loss.mode: 'mean' is not one of \['modality', 'tokens'\]"),
+                       ("train.loss.image=-1", "must be finite and >= 0"), ("train.loss.text=0", None),
+                       ("train.loss.weights=1", r"unknown key\(s\) \['train.loss.weights'\]")):  # fmt: skip
+        if match is None:  # text 0 alone is allowed (generation only); both 0 is not
+            with pytest.raises(ConfigError, match="both 0"):
+                tiny_run(world, tmp_path, bad, "train.loss.image=0")
+            continue
+        with pytest.raises(ConfigError, match=match):
+            tiny_run(world, tmp_path, bad)
+
+
+def test_a_zero_weight_leaves_its_direction_untrained(world, tmp_path):
+    """train.loss.image=0: the image head gets zero gradients and stays as built; the logged loss is the text mean."""
+    train(tiny_run(world, tmp_path, "train.loss.image=0", "train.steps=2", "train.ckpt_every=0", "train.export_merged=false"))
+    head = load_file(tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors")["head.proj.weight"]
+    seed_everything(0)  # as the trainer does before it builds the model
+    assert torch.equal(head, build_model(tiny_run(world, tmp_path)).head.proj.weight)
+    assert all(r["loss"] == pytest.approx(r["loss_text"]) for r in read_log(tmp_path))
+
+
+def test_learning_diagnostics_are_logged_and_drawn(world, tmp_path):
+    """train.diagnose_every: diag/* records at step 0 and every so many steps (held-out: the fixture's synthetic
+    folder), drawn in their own panel of curves.png; bad settings are named before anything trains."""
+    from semhitok.runtime.plots import read_curves
+
+    diagnose = ("train.diagnose_every=3", f"train.diagnose.data={world / 'synth'}", "train.diagnose.questions=8",
+                "train.diagnose.captions=4")  # fmt: skip
+    train(tiny_run(world, tmp_path / "run", *diagnose, "train.export_merged=false"))
+    diag = [r for r in read_log(tmp_path / "run") if "diag/image_auc" in r]
+    assert [r["step"] for r in diag] == [0, 3, 6] and all(set(r) == {"step", *LOG_KEYS} for r in diag)
+    assert all(0 <= r["diag/image_auc"] <= 1 and 0 <= r["diag/image_auc_swapped"] <= 1 for r in diag)
+    assert set(read_curves(tmp_path / "run" / "log.jsonl")["diag"]) == set(LOG_KEYS)
+    assert (tmp_path / "run" / "curves.png").is_file()
+    for bad, match in (((diagnose[0],), "needs train.diagnose.data"), ((diagnose[1],), "needs train.diagnose_every > 0"),
+                       ((*diagnose, "train.diagnose.questions=3"), "must be even"),
+                       ((*diagnose[:1], f"train.diagnose.data={tmp_path}"), "not a synthetic data folder"),
+                       ((*diagnose[:1], f"train.diagnose.data={tmp_path / 'nope'}"), "not found: train.diagnose.data"),
+                       ((*diagnose, f"train.deepspeed={ZERO[3]}"), "do not run under ZeRO-3")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            train(tiny_run(world, tmp_path / "bad", *bad))
 
 
 def test_batch_arithmetic_and_deepspeed_injection(world, tmp_path):

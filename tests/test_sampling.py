@@ -28,6 +28,7 @@ from mllm.sampling import (
     generate_text,
     left_pad,
     load_for_inference,
+    model_template,
     sample_image_ids,
 )
 from semhitok import PRESETS, SemHiTok
@@ -60,7 +61,9 @@ def images(model, prompts=PROMPTS, **fields) -> torch.Tensor:
 
 
 def prompt_ids(model, caption: str) -> torch.Tensor:
-    return generation_prompt_ids(caption, model.load_text_tokenizer(), "vicuna_v1")
+    """The generation prompt as generate_images renders it (vicuna_v1 with the model's system prompt)."""
+    tokenizer = model.load_text_tokenizer()
+    return generation_prompt_ids(caption, tokenizer, model_template(model, "vicuna_v1", tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------------- images
@@ -187,7 +190,7 @@ def test_bad_prompts_are_named(models):
     with pytest.raises(InferenceError, match="prompt 1 is empty"):
         images(model, ["a cat", "  "])
     with pytest.raises(InferenceError, match=f"exceeds the model's context of {CONTEXT} tokens"):
-        images(model, ["cat " * 60])
+        images(model, ["cat " * 80])  # + the prompt template and the 16 + 2 image tokens
 
 
 def test_load_for_inference_loads_the_tokenizer_once_and_sampling_reads_no_tokenizer_file(world, monkeypatch):
@@ -294,7 +297,7 @@ def test_chat_script_answers_once_and_interactively(world, capsys):
     "name, args, message",
     [
         ("generate", ["--prompt", " "], "prompt 0 is empty"),
-        ("generate", ["--prompt", "cat " * 60], "exceeds the model's context of 96 tokens"),
+        ("generate", ["--prompt", "cat " * 80], "exceeds the model's context of 96 tokens"),
         ("generate", ["--prompt", "a cat", "--top-p", "0"], "0 < top_p <= 1"),
         ("chat", ["--image", "{world}/broken.png", "--question", "what"], "cannot load image"),
         ("chat", ["--image", "{world}/missing.png", "--question", "what"], "cannot load image"),

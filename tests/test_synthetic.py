@@ -19,7 +19,9 @@ from mllm.synthetic import (
     GENEVAL_TAGS,
     MME_CATEGORIES,
     POPE_STRATEGIES,
+    SHORT_ANSWER,
     TEXTURES,
+    CategoryStats,
     DetectedObject,
     Scene,
     captions,
@@ -33,11 +35,13 @@ from mllm.synthetic import (
     relative_position,
     render,
     sample_geneval_entries,
+    sample_questions,
     sample_scene,
     scene_for_entry,
     score_geneval,
 )
 from mllm.synthetic.detector import foreground_mask, rgb_to_lab
+from mllm.synthetic.questions import negative_category
 from mllm.synthetic.render import render_background
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,6 +217,62 @@ def test_mme_pairs_one_yes_one_no_and_scoring():
     assert perfect.total == 200 * len(MME_CATEGORIES) and set(perfect.score.values()) == {200.0}
     always_yes = mme_score(records, ["Yes"] * len(records))
     assert always_yes.acc == dict.fromkeys(always_yes.acc, 50.0) and set(always_yes.acc_plus.values()) == {0.0}
+
+
+def yes_no_answers(conversations: list[list[tuple[str, str]]]) -> list[list[bool]]:
+    return [[a == "Yes" for _, a in qa if a in ("Yes", "No")] for qa in conversations]
+
+
+def test_multi_question_samples_are_balanced_and_independent():
+    """Several questions per image, each yes/no answer a fair coin: the yes-rate is 0.5 and the answer of question k
+    is not predictable from the yes/no answers before it (P(yes | every prefix pattern with support) ~ 0.5); no two
+    questions of a sample are about the same shape; a description only comes last; short answers carry LLaVA's
+    suffix."""
+    rng, pool = np.random.default_rng(0), scenes(60)
+    stats = CategoryStats.of(pool)
+    samples = [sample_questions(pool[i % len(pool)], rng, stats, max_questions=6) for i in range(12000)]
+    answers = yes_no_answers(samples)
+    flat = [a for row in answers for a in row]
+    assert len(flat) > 10000 and abs(np.mean(flat) - 0.5) < 0.02
+    by_prefix: dict[tuple, list[bool]] = {}
+    for row in answers:
+        for k, answer in enumerate(row):
+            by_prefix.setdefault(tuple(row[:k]), []).append(answer)
+    supported = {p: v for p, v in by_prefix.items() if len(v) >= 60}
+    assert {(), (True,), (False,), (True, True), (True, False), (False, True), (False, False)} <= set(supported)
+    for prefix, later in supported.items():  # within 4 standard errors of a fair coin
+        assert abs(np.mean(later) - 0.5) < 4 * 0.5 / np.sqrt(len(later)), (prefix, np.mean(later), len(later))
+    assert Counter(len(qa) for qa in samples).keys() >= {1, 2, 3, 4}
+    for qa in samples:
+        questions = [q for q, _ in qa]
+        assert all(not q.startswith("Describe") for q in questions[:-1])
+        assert all(q.endswith(SHORT_ANSWER) != q.startswith("Describe") for q in questions)
+        shapes = [s for q in questions for s in ("circle", "square", "triangle", "star", "diamond", "cross") if s in q]
+        assert len(shapes) == len(set(shapes)) or questions[-1].startswith("Describe")
+
+
+def test_yes_no_questions_cover_every_negative_strategy():
+    rng, pool = np.random.default_rng(1), scenes(40)
+    stats = CategoryStats.of(pool)
+    asked = Counter()
+    for i in range(2000):
+        scene = pool[i % len(pool)]
+        present = {o.category for o in scene.objects}
+        for q, a in sample_questions(scene, rng, stats):
+            if q.startswith("Is there"):
+                category = q.removeprefix("Is there ").split(" in the image")[0].split(" ", 1)[1]
+                assert (category in present) == (a == "Yes"), (q, a, present)
+                asked[a] += 1
+            if q.startswith("How many"):
+                assert a.isdigit()
+    assert asked["Yes"] > 500 and asked["No"] > 500
+    third = sorted(stats.frequency.values(), reverse=True)[2]
+    popular = {c for c, n in stats.frequency.items() if n >= third}  # the top three, ties included
+    negatives = [negative_category(rng, ["red circle"], [c for c in CATEGORIES if c != "red circle"], "popular", stats)
+                 for _ in range(200)]  # fmt: skip
+    assert set(negatives) <= set(popular) and len(set(negatives)) > 1  # the top few, not always the first
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        negative_category(rng, [], ["red circle"], "common", stats)
 
 
 def test_llava_conversations_are_valid():

@@ -37,7 +37,13 @@ from torch import Tensor
 
 from mllm.codes import CodeCache
 from mllm.constants import GENERATION_PROMPT, IGNORE_INDEX, IMAGE_PLACEHOLDER
-from mllm.conversation import ConversationError, generation_prompt_ids, tokenize_conversation
+from mllm.conversation import (
+    ConversationError,
+    Template,
+    conversation_template,
+    generation_prompt_ids,
+    tokenize_conversation,
+)
 from mllm.data.llava import LlavaSample, load_llava
 from mllm.vocab import VisualVocab, VocabError
 from semhitok.runtime import BadItem, read_jsonl
@@ -105,7 +111,9 @@ class Skip(Exception):
 @dataclass(frozen=True)
 class SampleBuilder:
     """Builds `LMSample`s from (conversation | caption, image key) with the image's codes from the cache.
-    `tokenizer` is extended (idempotently) with the vocabulary's specials and checked against it."""
+    `tokenizer` is extended (idempotently) with the vocabulary's specials and checked against it. Conversations are
+    rendered by `template` with the system prompt `system` ("" none, None the template's default:
+    `mllm.conversation.conversation_template`; training passes `MLLMConfig.system_prompt`)."""
 
     tokenizer: Any
     vocab: VisualVocab
@@ -113,6 +121,7 @@ class SampleBuilder:
     template: str = "chat_template"
     max_length: int = 2048
     prompt: str = GENERATION_PROMPT
+    system: str | None = ""
 
     def __post_init__(self) -> None:
         self.vocab.extend_tokenizer(self.tokenizer)
@@ -123,6 +132,12 @@ class SampleBuilder:
             )
         if "{caption}" not in self.prompt:
             raise ValueError(f"the generation prompt {self.prompt!r} has no {{caption}} field")
+        conversation_template(self.template, self.system)  # an unknown template name fails here, not per sample
+
+    @property
+    def conversation(self) -> Template:
+        """The template with its system prompt, as every sample is rendered."""
+        return conversation_template(self.template, self.system)
 
     def image_ids(self, key: str) -> Tensor:
         """(1, h*w) image ids of one cached image; Skip(MISSING_IMAGE) if it has no codes."""
@@ -133,7 +148,7 @@ class SampleBuilder:
     def understanding(self, turns: Sequence, image: str | None) -> LMSample:
         """LLaVA turns (human first, gpt last) about `image` (None: text only) -> sample labelled on the answers."""
         try:
-            tok = tokenize_conversation(turns, self.tokenizer, self.template, max_length=sys.maxsize)
+            tok = tokenize_conversation(turns, self.tokenizer, self.conversation, max_length=sys.maxsize)
         except ConversationError:
             raise Skip(BAD_CONVERSATION) from None
         if tok.num_images != (image is not None):
@@ -148,7 +163,7 @@ class SampleBuilder:
     def generation(self, caption: str, image: str) -> LMSample:
         """caption ("" = unconditional) -> prompt + `<boi> ids <eoi>`, labelled on the ids and `<eoi>`."""
         segment = self.vocab.segment(self.image_ids(image))[0]  # (h*w + 2,)
-        prompt = generation_prompt_ids(caption, self.tokenizer, self.template, self.prompt)
+        prompt = generation_prompt_ids(caption, self.tokenizer, self.conversation, self.prompt)
         labels = torch.cat([torch.full((len(prompt) + 1,), IGNORE_INDEX), segment[1:]])  # <boi> is given
         return self._fit(torch.cat([prompt, segment]), labels, GENERATION)
 
@@ -376,8 +391,10 @@ class DataConfig:
     seed: int = 0
 
 
-def build_dataset(config: DataConfig, tokenizer, vocab: VisualVocab, semhitok_dir: str | Path) -> MixtureDataset:
-    """The stage's MixtureDataset. The code cache must have been made with the SemHiTok checkpoint `semhitok_dir`."""
+def build_dataset(config: DataConfig, tokenizer, vocab: VisualVocab, semhitok_dir: str | Path,
+                  system: str | None = "") -> MixtureDataset:  # fmt: skip
+    """The stage's MixtureDataset. The code cache must have been made with the SemHiTok checkpoint `semhitok_dir`;
+    `system`: the system prompt of every conversation (`MLLMConfig.system_prompt`)."""
     mix = dict(config.mix) or dict(STAGE_MIXES.get(config.stage, {}))
     if not mix:
         raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGE_MIXES)} (or set data.mix)")
@@ -385,7 +402,7 @@ def build_dataset(config: DataConfig, tokenizer, vocab: VisualVocab, semhitok_di
     if unknown:
         raise ValueError(f"unknown data sources {unknown}; known: {sorted(SOURCE_FILES)}")
     codes = CodeCache(config.codes, tokenizer=semhitok_dir)
-    builder = SampleBuilder(tokenizer, vocab, codes, config.template, config.max_length, config.prompt)
+    builder = SampleBuilder(tokenizer, vocab, codes, config.template, config.max_length, config.prompt, system)
     sources = {name: _make_source(name, config, builder) for name in mix}
     return MixtureDataset(sources, mix, config.num_samples or None, config.seed)
 

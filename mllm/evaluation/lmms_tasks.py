@@ -3,7 +3,9 @@
 A built task is a folder with one parquet file per split (images embedded as bytes, a Hugging Face `Image` feature)
 and one task YAML per split, plus a group YAML. Each task YAML is lmms-eval's own pope.yaml / mme.yaml with only
 the dataset and the name changed, and its `!function utils.X` references pointing at `lmms_eval.tasks.pope.utils.X`
-/ `lmms_eval.tasks.mme.utils.X`: prompts, generation settings, answer parsing and metrics are lmms-eval's code.
+/ `lmms_eval.tasks.mme.utils.X`: prompts, generation settings, answer parsing and metrics are lmms-eval's code. The
+prompts are the built-in default (LLaVA-1.5's "\nAnswer the question using a single word or phrase."), which the
+synthetic conversations teach (`mllm.synthetic.questions.SHORT_ANSWER`): no per-model prompt entry is needed.
 
 Document schemas (those of lmms-lab's POPE and MME datasets):
     POPE: question_id (str), question, answer ("yes" / "no"), image, image_source (file stem), category (= split)
@@ -80,12 +82,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- task folders
 
 
-# lmms-eval's per-model prompt entry (like the built-in YAMLs' `gpt4v`, `qwen_vl`, `plm` entries) for our `semhitok`
-# model on the local tasks: the synthetic-domain conversations teach yes/no questions as "... Answer yes or no.", not
-# LLaVA-1.5's "\nAnswer the question using a single word or phrase." (the built-in tasks' default suffix).
-SEMHITOK_PROMPT = {"pre_prompt": "", "post_prompt": " Answer yes or no."}
-
-
 def write_task(folder: Path, name: str, kind: str, docs: Sequence[dict], source: str) -> Path:
     """Write docs (image = a file path) as `folder/<name>.parquet` (image bytes embedded) and the task YAML
     `folder/<name>.yaml`: lmms-eval's built-in `kind` ("pope" or "mme") task on this data. Returns the YAML path."""
@@ -102,8 +98,6 @@ def write_task(folder: Path, name: str, kind: str, docs: Sequence[dict], source:
     local = {"task": name, "dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": f"{name}.parquet"}},
              "test_split": "test"}  # fmt: skip
     config = {**local, **{k: v for k, v in builtin_config(kind).items() if k not in (*local, "dataset_name")}}
-    kwargs = config.setdefault("lmms_eval_specific_kwargs", {})
-    kwargs["semhitok"] = {**kwargs.get("default", {}), **SEMHITOK_PROMPT}
     return _write_yaml(folder / f"{name}.yaml", config, f"lmms-eval's {kind} task on {len(docs)} local documents: {source}")
 
 

@@ -3,7 +3,8 @@
 Layout (image paths inside every file are relative to the folder):
   images/<id>.png, scenes.jsonl (scene, captions, the GenEval entry it was built for or null; that entry's prompt is also the
   scene's last caption, so text-to-image training sees GenEval's own phrasing),
-  geneval_metadata.jsonl, pope_{random,popular,adversarial}.jsonl, mme.jsonl, llava.json, probe.jsonl (attribute
+  geneval_metadata.jsonl, pope_{random,popular,adversarial}.jsonl, mme.jsonl, llava.json (1-4 independent, balanced
+  questions per image: `questions.sample_questions`), probe.jsonl (attribute
   targets per image for the tokenizer's code probes: semhitok.attribute_probe.ProbeSet).
 Even ids are free random scenes; odd ids are built from GenEval-style entries (the six tags in turn).
 """
@@ -18,6 +19,7 @@ import numpy as np
 from mllm.synthetic.probe_targets import probe_targets
 from mllm.synthetic.questions import (
     POPE_STRATEGIES,
+    CategoryStats,
     llava_conversation,
     mme_questions,
     pope_questions,
@@ -64,7 +66,8 @@ def write_dataset(out: Path, num: int, size: int = 256, seed: int = 0) -> Path:
         write_jsonl(out / f"pope_{strategy}.jsonl", pope_questions(scenes, images, strategy, rng))
     pairs = zip(scenes, images, strict=True)
     write_jsonl(out / "mme.jsonl", [q for s, im in pairs for q in mme_questions(s, im, rng)])
-    llava = [llava_conversation(s, i, im, rng) for s, i, im in zip(scenes, ids, images, strict=True)]
+    stats = CategoryStats.of(scenes)
+    llava = [llava_conversation(s, i, im, rng, stats=stats) for s, i, im in zip(scenes, ids, images, strict=True)]
     (out / "llava.json").write_text(json.dumps(llava, indent=1))
     targets = probe_targets(scenes)
     write_jsonl(out / "probe.jsonl", [{"image": im, "targets": {t: v[k].tolist() for t, v in targets.items()}}

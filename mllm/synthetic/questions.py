@@ -1,6 +1,9 @@
 """Benchmarks and instruction data on synthetic scenes: GenEval metadata (and scenes that satisfy an entry), POPE,
 MME (with its scoring) and LLaVA-format conversations.
 
+Short answers (yes/no, counts, colours, single words) are asked with LLaVA-1.5's suffix SHORT_ANSWER, the
+`post_prompt` of lmms-eval's built-in pope / mme tasks, so those tasks' own prompts ask what training taught.
+
 Object category for POPE/MME/LLaVA is the coloured shape ("red circle"): len(SHAPES) * len(COLORS) = 60 categories.
 GenEval entries use the shape as "class" and GenEval's colour words, exactly in the schema of GenEval's
 `evaluation_metadata.jsonl` (keys tag, include, optional exclude, prompt).
@@ -9,9 +12,10 @@ GenEval entries use the shape as "class" and GenEval's colour words, exactly in 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from itertools import combinations
+from types import MappingProxyType
 
 import numpy as np
 
@@ -29,18 +33,20 @@ from mllm.synthetic.scene import (
     sample_background,
 )
 from mllm.synthetic.text import (
+    BACKGROUND_WORDS,
     RELATION_PHRASES,
-    background_phrase,
+    captions,
     describe,
     join,
     noun_phrase,
     plural,
-    relation_phrase,
 )
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 POPE_STRATEGIES = ("random", "popular", "adversarial")
 MME_CATEGORIES = ("existence", "count", "color", "position")
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's; lmms-eval pope/mme post_prompt
+YES, NO = "Yes", "No"
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str], k: int) -> list[str]:
@@ -293,40 +299,150 @@ def mme_score(questions: Sequence[dict], predictions: Sequence[str]) -> MMEScore
 # ---------------------------------------------------------------------------------------------------- LLaVA
 
 
-def qa_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """(question, answer) pairs about a scene: description, counts, colour, position, background, yes/no."""
-    n = len(scene.objects)
-    shape = _choice(rng, SHAPES)  # often absent: "There are no crosses."
-    k = sum(o.shape == shape for o in scene.objects)
-    yes, no = _existence(scene, rng)
-    pool = [
-        ("Describe the image.", describe(scene)),
-        ("How many objects are in the image?", f"There {'is' if n == 1 else 'are'} {noun_phrase(n, 'object')}."),
-        (f"How many {plural(shape)} are there?", f"There {'is' if k == 1 else 'are'} {noun_phrase(k, shape)}."),
-        ("What does the background look like?", f"It is {background_phrase(scene)}."),
-        (f"Is there {_a(yes)} in the image? Answer yes or no.", "Yes"),
-        (f"Is there {_a(no)} in the image? Answer yes or no.", "No"),
-    ]
-    if lone := _unique(scene, lambda o: o.shape):
-        o = _choice(rng, lone)
-        pool.append((f"What color is the {o.shape}?", f"The {o.shape} is {o.color}."))
-    if related := _related(scene):
-        a, b, rels = _choice(rng, related)
-        pool.append(
-            (
-                f"Where is the {a.category} relative to the {b.category}?",
-                f"The {a.category} is {relation_phrase(rels)} the {b.category}.",
-            )
-        )
-    return pool
+def existence_question(category: str) -> str:
+    """'Is there a red circle in the image?' + SHORT_ANSWER (POPE's question, asked the LLaVA-1.5 way)."""
+    return f"Is there {_a(category)} in the image?{SHORT_ANSWER}"
 
 
-def llava_conversation(scene: Scene, sample_id: str, image: str, rng: np.random.Generator, max_turns: int = 4) -> dict:
-    """A LLaVA-format record: 1..max_turns question/answer turns drawn from `qa_pool`; the first human turn starts
-    with the only "<image>\\n" placeholder."""
-    pool = qa_pool(scene, rng)
-    turns = [pool[i] for i in rng.permutation(len(pool))[: int(rng.integers(1, max_turns + 1))]]
+@dataclass(frozen=True)
+class CategoryStats:
+    """Over a set of scenes: images per category and pairwise co-occurrences (POPE's popular / adversarial
+    negatives). Empty: every strategy draws uniformly among the absent categories."""
+
+    frequency: Counter = field(default_factory=Counter)
+    cooccur: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, scenes: Sequence[Scene]) -> CategoryStats:
+        present = [sorted({o.category for o in s.objects}) for s in scenes]
+        return cls(Counter(c for cats in present for c in cats),
+                   Counter((a, b) for cats in present for a in cats for b in cats if a != b))  # fmt: skip
+
+
+def negative_category(rng: np.random.Generator, present: Sequence[str], absent: Sequence[str], strategy: str,
+                      stats: CategoryStats, top: int = 3) -> str:  # fmt: skip
+    """An absent category as POPE draws negatives: `random` uniformly; `popular` among the `top` most frequent;
+    `adversarial` among the `top` that co-occur most with `present` (ties in random order). Drawing among a few,
+    not always the first, keeps a training set from asking the same negatives again and again."""
+    if strategy not in POPE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {POPE_STRATEGIES}, got {strategy!r}")
+    if strategy == "random":
+        return _choice(rng, absent)
+    score = stats.frequency if strategy == "popular" else Counter({c: sum(stats.cooccur[(p, c)] for p in present)
+                                                                   for c in absent})  # fmt: skip
+    return _choice(rng, _ranked(rng, absent, score)[:top])
+
+
+QUESTION_KINDS = MappingProxyType({"existence": 0.45, "position": 0.15, "count": 0.15, "color": 0.15,
+                                   "background": 0.1})  # share of each kind among a sample's questions  # fmt: skip
+DESCRIBE_SHARE = 0.25  # of the samples end with a description (brief or detailed)
+QA = tuple[str, str]
+Asker = Callable[[Scene, np.random.Generator, set, CategoryStats], QA | None]
+
+
+def _shape(category: str) -> str:
+    return category.split()[1]
+
+
+def _ask_existence(scene: Scene, rng: np.random.Generator, locked: set, stats: CategoryStats) -> QA | None:
+    """Yes/no: is a category in the image? A present and an absent category (shapes no earlier question is about)
+    are both drawn and both their shapes locked, then a fair coin picks which one is asked: what later questions can
+    be about never depends on this answer."""
+    present = sorted({o.category for o in scene.objects})
+    yes = [c for c in present if _shape(c) not in locked]
+    absent = [c for c in CATEGORIES if c not in present and _shape(c) not in locked]
+    if not yes or not absent:
+        return None
+    pair = (_choice(rng, yes), negative_category(rng, present, absent, _choice(rng, POPE_STRATEGIES), stats))
+    locked.update(map(_shape, pair))
+    answer = bool(rng.random() < 0.5)
+    return existence_question(pair[0] if answer else pair[1]), YES if answer else NO
+
+
+def _ask_position(scene: Scene, rng: np.random.Generator, locked: set, stats: CategoryStats) -> QA | None:
+    """Yes/no: does a relation hold between two objects? A fair coin picks a relation that holds or its opposite."""
+    pairs = [(a, b, r) for a, b, r in _related(scene) if not {a.shape, b.shape} & locked]
+    if not pairs:
+        return None
+    a, b, rels = _choice(rng, pairs)
+    relation, answer = _choice(rng, sorted(rels)), bool(rng.random() < 0.5)
+    locked.update((a.shape, b.shape))
+    asked = relation if answer else OPPOSITE[relation]
+    return f"Is the {a.category} {RELATION_PHRASES[asked]} the {b.category}?{SHORT_ANSWER}", YES if answer else NO
+
+
+def _ask_count(scene: Scene, rng: np.random.Generator, locked: set, stats: CategoryStats) -> QA | None:
+    """How many objects of a shape (often an absent one: '0')."""
+    free = [s for s in SHAPES if s not in locked]
+    if not free:
+        return None
+    shape = _choice(rng, free)
+    locked.add(shape)
+    return f"How many {plural(shape)} are there?{SHORT_ANSWER}", str(sum(o.shape == shape for o in scene.objects))
+
+
+def _ask_color(scene: Scene, rng: np.random.Generator, locked: set, stats: CategoryStats) -> QA | None:
+    """The colour of the only object of its shape."""
+    lone = [o for o in _unique(scene, lambda o: o.shape) if o.shape not in locked]
+    if not lone:
+        return None
+    o = _choice(rng, lone)
+    locked.add(o.shape)
+    return f"What color is the {o.shape}?{SHORT_ANSWER}", o.color.capitalize()
+
+
+def _ask_background(scene: Scene, rng: np.random.Generator, locked: set, stats: CategoryStats) -> QA | None:
+    """The background's pattern, once per sample."""
+    if "background" in locked:
+        return None
+    locked.add("background")
+    return f"What pattern does the background have?{SHORT_ANSWER}", BACKGROUND_WORDS[scene.background.kind].capitalize()
+
+
+ASKERS: dict[str, Asker] = {"existence": _ask_existence, "position": _ask_position, "count": _ask_count,
+                            "color": _ask_color, "background": _ask_background}  # fmt: skip
+
+
+def sample_questions(scene: Scene, rng: np.random.Generator, stats: CategoryStats | None = None,
+                     max_questions: int = 4) -> list[QA]:  # fmt: skip
+    """1..max_questions (question, answer) pairs about one scene, for one multi-turn sample.
+
+    Independent and balanced: question kinds are drawn first (QUESTION_KINDS); a yes/no question (existence with
+    random / popular / adversarial negatives, position) reserves its subjects for both answers, then a fair coin
+    picks the answer, so which questions a sample holds never depends on an answer and P(yes) = 0.5 whatever came
+    before; no two questions are about the same shape (one answer never tells another: "Is there a red star? Yes" is
+    never followed by "What color is the star?"); the order is shuffled; a description, which tells everything, only
+    ever comes last (DESCRIBE_SHARE of the samples). A kind with nothing left to ask about is dropped."""
+    stats = stats if stats is not None else CategoryStats()
+    describe_it = rng.random() < DESCRIBE_SHARE
+    n = int(rng.integers(1, max_questions + 1)) - describe_it
+    kinds = rng.choice(list(QUESTION_KINDS), size=n, p=list(QUESTION_KINDS.values()))
+    locked: set[str] = set()  # shapes (and "background") some question is about
+    asked = [qa for kind in kinds if (qa := ASKERS[str(kind)](scene, rng, locked, stats)) is not None]
+    asked = [asked[i] for i in rng.permutation(len(asked))]
+    if describe_it or not asked:
+        asked.append(_description(scene, rng))
+    return asked
+
+
+def _description(scene: Scene, rng: np.random.Generator) -> QA:
+    """A brief caption (LLaVA's brief-description style) or the detailed description."""
+    if rng.random() < 0.5:
+        return "Describe the image briefly.", _choice(rng, captions(scene)[:3]).capitalize() + "."
+    return "Describe the image in detail.", describe(scene)
+
+
+def qa_pool(scene: Scene, rng: np.random.Generator) -> list[QA]:
+    """Several independent questions about a scene with their answers (`sample_questions`, up to 6)."""
+    return sample_questions(scene, rng, max_questions=6)
+
+
+def llava_conversation(scene: Scene, sample_id: str, image: str, rng: np.random.Generator, max_turns: int = 4,
+                       stats: CategoryStats | None = None) -> dict:  # fmt: skip
+    """A LLaVA-format record: 1..max_turns question/answer turns from `sample_questions` (`stats`: the dataset's
+    category statistics for popular / adversarial negatives); the first human turn starts with the only "<image>\n"
+    placeholder."""
     conversations = []
-    for t, (q, a) in enumerate(turns):
+    for t, (q, a) in enumerate(sample_questions(scene, rng, stats, max_turns)):
         conversations += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q}, {"from": "gpt", "value": a}]
     return {"id": sample_id, "image": image, "conversations": conversations}

@@ -15,11 +15,18 @@ so every mode trains the same objective with the same hyper-parameters.
 
 Stages set defaults for what trains (`STAGE_PARTS`: each objective's PARTS, LLaVA recipe); the run config's `model:` may override each flag.
 
-A run lives in `train.out_dir`: `config.yaml`, `log.jsonl` (one record per `log_every` steps: token-weighted loss,
-loss_text (≈ understanding), loss_image (generation), lr, grad_norm, tokens/s, samples per direction, skipped and
-truncated samples), `checkpoints/step-XXXXXX/` (semhitok's atomic checkpoints: trainable weights + optimizer as
-safetensors, step, data position, every rank's RNG, the run config; COMPLETE marker last), and at the end `model/`
-(`SemHiTokLM.save_pretrained`) and `export/` (`export_merged`: plain HF folder, loadable without PEFT/DeepSpeed).
+The optimised loss (`train.loss`, `objectives.LossConfig`): by default the text (≈ understanding) and image
+(generation) terms are each a mean over their own targets, weighted `train.loss.text` / `train.loss.image`;
+`train.loss.mode: tokens` is one mean over all targets instead.
+
+A run lives in `train.out_dir`: `config.yaml`, `log.jsonl` (one record per `log_every` steps: loss (the optimised
+loss, mean over micro-batches), loss_text, loss_image (token means), lr, grad_norm, tokens/s, samples per direction,
+skipped and truncated samples; with `train.diagnose_every`, records of the learning diagnostics `diag/image_auc`,
+`diag/image_auc_swapped`, `diag/caption_gap` at step 0 and every so many steps: `mllm.diagnostics`), `curves.png`
+(every metric of the log, drawn at the end), `checkpoints/step-XXXXXX/` (semhitok's atomic checkpoints: trainable
+weights + optimizer as safetensors, step, data position, every rank's RNG, the run config; COMPLETE marker last), and
+at the end `model/` (`SemHiTokLM.save_pretrained`) and `export/` (`export_merged`: plain HF folder, loadable without
+PEFT/DeepSpeed).
 Starting a run in an out_dir with a complete checkpoint resumes it exactly (same data order, RNG, optimizer) from the
 newest intact one. One run at a time owns an out_dir (`semhitok.runtime.runlock`, taken by rank 0); a second is refused.
 Nothing is downloaded at run time: `model.llm`, `model.text_tokenizer` and `model.semhitok` are local folders.
@@ -41,6 +48,7 @@ gloo without building its shared-memory op (`_no_cpu_shm_op`), so nothing is com
 from mllm.train.config import (
     MODEL_PATHS,
     RESUMABLE_CHANGES,
+    DiagnoseConfig,
     MLLMRunConfig,
     TrainConfig,
     check_paths,
@@ -49,7 +57,7 @@ from mllm.train.config import (
     lr_at,
     resolve_model_paths,
 )
-from mllm.train.objectives import MODEL_INPUTS, OBJECTIVES, STAGE_PARTS, STAGES, StageObjective
+from mllm.train.objectives import MODEL_INPUTS, OBJECTIVES, STAGE_PARTS, STAGES, LossConfig, StageObjective, combine
 from mllm.train.runners import (
     DS_DIR,
     INJECTED_DS_KEYS,
@@ -73,7 +81,9 @@ __all__ = [
     "STAGES",
     "STAGE_PARTS",
     "DeepSpeedRunner",
+    "DiagnoseConfig",
     "Launch",
+    "LossConfig",
     "MLLMRunConfig",
     "MLLMTorchRunner",
     "MLLMTrainer",
@@ -82,6 +92,7 @@ __all__ = [
     "TrainConfig",
     "build_data",
     "build_model",
+    "combine",
     "check_paths",
     "deepspeed_config",
     "detect_launch",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +16,7 @@ import yaml
 from mllm.assets import expand_reference
 from mllm.data.mixture import DataConfig
 from mllm.model import LoraSettings, MLLMConfig
-from mllm.train.objectives import STAGE_PARTS, STAGES
+from mllm.train.objectives import STAGE_PARTS, STAGES, LossConfig
 from semhitok.runtime import (
     AssetError,
     ConfigError,
@@ -31,8 +31,27 @@ from semhitok.runtime import (
 
 # Keys a resumed run may change: they steer cadence and outputs, not what is computed up to the checkpoint.
 RESUMABLE_CHANGES = ("train.out_dir", "train.precision", "train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.num_workers", "train.export_merged")  # fmt: skip
+                     "train.num_workers", "train.export_merged", "train.diagnose_every", "train.diagnose")  # fmt: skip
 MODEL_PATHS = ("llm", "text_tokenizer", "semhitok")  # model.* keys naming local folders
+
+
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    """Learning diagnostics during training (DESIGN §9; `mllm.diagnostics`): every `train.diagnose_every` steps (and
+    at step 0 of a fresh run) on a fixed held-out synthetic folder `data` (scripts/render_synthetic.py, rendered with
+    another seed than the training data; "" = off): the yes/no answer margin AUC with the real vs a swapped image over
+    `questions` balanced questions, and the image NLL gap (empty - true caption) over `captions` scenes ->
+    `diag/image_auc`, `diag/image_auc_swapped`, `diag/caption_gap` in log.jsonl (eval/diagnose.py reports the means
+    behind them). Not under ZeRO-3 (its weights are partitioned)."""
+
+    data: str = ""
+    questions: int = 32  # cost: 4 scored samples per question, 3 per caption scene (seconds on a GPU)
+    captions: int = 16
+
+    def __post_init__(self) -> None:
+        if self.questions < 2 or self.questions % 2 or self.captions < 2:
+            raise ValueError(f"train.diagnose.questions must be even and >= 2, captions >= 2 (got {self.questions}, "
+                             f"{self.captions})")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,9 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; 0 = all
     export_merged: bool = True  # also write out_dir/export (a plain HF folder with a second copy of the LLM)
     seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+    diagnose_every: int = 0  # steps between learning diagnostics (train.diagnose); 0 = never
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
@@ -75,6 +97,10 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
         check_lr("train.lr", self.lr)
+        if self.diagnose_every < 0 or (self.diagnose_every > 0) != bool(self.diagnose.data):
+            raise ValueError("train.diagnose_every > 0 needs train.diagnose.data (a held-out synthetic folder), and "
+                             f"train.diagnose.data needs train.diagnose_every > 0 (got {self.diagnose_every}, "
+                             f"{self.diagnose.data!r})")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -135,7 +161,8 @@ def check_paths(run: MLLMRunConfig) -> None:
     large loads; ConfigError lists the missing ones."""
     d, t = run.data, run.train
     needed = {"data.codes": d.codes, "data.conversations": d.conversations, "data.captions": d.captions,
-              "train.init_from": t.init_from, "train.deepspeed": t.deepspeed or ""}  # fmt: skip
+              "train.init_from": t.init_from, "train.deepspeed": t.deepspeed or "",
+              "train.diagnose.data": t.diagnose.data}  # fmt: skip
     missing = [f"{key}: {path}" for key, path in needed.items() if path and not Path(path).exists()]
     if missing:
         raise ConfigError(f"not found: {'; '.join(missing)}")

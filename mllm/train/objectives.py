@@ -1,28 +1,65 @@
 """MLLM training objectives, one per stage (DESIGN §4, §10), chosen by `train.stage` through `OBJECTIVES`.
 
 A stage says what trains by default (`PARTS`, the LLaVA recipe; the run config's `model:` may override each flag)
-and computes the loss of a micro-batch: the model's token-weighted loss with its text (≈ understanding) and image
-(generation) parts. Pre-training aligns the adapter only; instruction tuning trains adapter + LLM; text-to-image adds
-the image head; joint trains everything.
+and computes the loss of a micro-batch from the model's text (≈ understanding) and image (generation) token means,
+weighted as `train.loss` says (`LossConfig`: per-modality means by default, or one mean over all tokens).
+Pre-training aligns the adapter only; instruction tuning trains adapter + LLM; text-to-image adds the image head;
+joint trains everything.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """How a micro-batch's text (≈ understanding) and image (generation) terms make the optimised loss (DESIGN §10).
+
+    modality (default): text * (mean CE over the text targets) + image * (mean CE over the image targets); a term
+        whose modality has no targets in the micro-batch is 0. Each direction gets its weight whatever its share of
+        the tokens (an image is h*w targets, a yes/no answer two).
+    tokens: (text * sum over text targets + image * sum over image targets) / (all targets): one mean over every
+        labelled token (at weights 1 the loss before per-modality means existed)."""
+
+    mode: Literal["modality", "tokens"] = "modality"
+    text: float = 1.0
+    image: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.text) and math.isfinite(self.image)) or min(self.text, self.image) < 0:
+            raise ValueError(f"train.loss.text and .image must be finite and >= 0, got {self.text}, {self.image}")
+        if self.text == self.image == 0:
+            raise ValueError("train.loss.text and train.loss.image are both 0: nothing would be learned")
+
+
 class StageObjective:
-    """The loss of one micro-batch: {"loss", "loss_text", "loss_image"} from the model's forward."""
+    """The loss of one micro-batch: the model's forward ({"loss_text", "loss_image", "n_text", "n_image", ...}) with
+    "loss" replaced by the optimised combination of `weights` (`combine`)."""
 
     name: ClassVar[str]
     PARTS: ClassVar[dict[str, Any]]
 
+    def __init__(self, weights: LossConfig | None = None):
+        self.weights = weights or LossConfig()
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return model(**{k: batch[k] for k in MODEL_INPUTS})
+        out = model(**{k: batch[k] for k in MODEL_INPUTS})
+        return {**out, "loss": combine(out, self.weights)}
+
+
+def combine(out: dict[str, Tensor], w: LossConfig) -> Tensor:
+    """The optimised scalar from the per-modality token means and their target counts (see `LossConfig`)."""
+    text, image = w.text * out["loss_text"], w.image * out["loss_image"]  # a mean over no targets is 0
+    if w.mode == "modality":
+        return text + image
+    return (text * out["n_text"] + image * out["n_image"]) / (out["n_text"] + out["n_image"]).clamp(min=1)
 
 
 class AdapterAlignment(StageObjective):

@@ -66,6 +66,10 @@ class MLLMTorchRunner(TorchRunner):
         super().__init__(forward, optimizer, params, precision, launch.device, grad_clip)
         self.module = model
 
+    def forward_context(self) -> AbstractContextManager:
+        """The precision a forward outside the training step (diagnostics) runs in: the step's autocast."""
+        return self.precision.autocast(self.device)
+
     def state(self) -> dict[str, dict[str, Tensor]]:
         return {"trainable": trainable_state(self.module), "optimizer": flatten_state(self.optimizer.state_dict())}
 
@@ -123,6 +127,10 @@ class DeepSpeedRunner:
         if micro < accum - 1:
             self.engine.step()  # counts the micro-step; the boundary step is optimizer_step's
         return out
+
+    def forward_context(self) -> AbstractContextManager:
+        """The precision a forward outside the training step (diagnostics) runs in: the step's autocast, if any."""
+        return self.autocast
 
     def optimizer_step(self, lr: float) -> float:
         set_lr(self.engine.optimizer, lr)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from mllm.assets import resolve_reference
 from mllm.constants import IGNORE_INDEX
 from mllm.data.mixture import build_dataset, collate_lm
+from mllm.diagnostics import DiagnosticSet, build_diagnostic_set
 from mllm.model import CONFIG_NAME, PARTS_NAME, VOCAB_NAME, MLLMConfig, SemHiTokLM, read_config
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.train.config import (
@@ -40,6 +41,7 @@ from mllm.train.runners import (
     whole_parameters,
 )
 from mllm.vocab import VisualVocab
+from semhitok import SemHiTok
 from semhitok.runtime import (
     BatchStream,
     Cadence,
@@ -84,7 +86,9 @@ def build_model(run: MLLMRunConfig) -> SemHiTokLM:
 
 
 def load_init(model: SemHiTokLM, folder: Path) -> None:
-    """Copy adapter, head and special rows from a previous stage's `save_pretrained` / `export_merged` folder.
+    """Copy adapter, head, special rows (and image rows) from a previous stage's `save_pretrained` / `export_merged`
+    folder; a model with image rows (`image_input: embedding | both`) from a stage without them starts them from the
+    loaded adapter (`init_image_embedding`).
     Its vocabulary must equal this model's, and its LLM must be the one `model.llm` names (a LoRA or fully trained
     LLM is carried on by pointing `model.llm` at that stage's `export/` or `model/llm/`)."""
     try:
@@ -103,16 +107,21 @@ def load_init(model: SemHiTokLM, folder: Path) -> None:
     if llm != Path(model.config.llm).resolve():
         raise ConfigError(f"train.init_from {folder} was trained on the LLM {llm}, but model.llm is "
                           f"{model.config.llm}: set model.llm={llm}")  # fmt: skip
+    fresh_rows = model.image_embedding is not None and not any(k.startswith("image_embedding.") for k in state)
+    if fresh_rows:  # a stage without image rows (image_input: adapter) before one with them: rows from its adapter
+        state = {**state, **{f"image_embedding.{k}": v for k, v in model.image_embedding.state_dict().items()}}
     try:
         model.parts().load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ConfigError(f"train.init_from {folder}: its parts do not fit model: {err}") from None
+        raise ConfigError(f"train.init_from {folder}: its parts do not fit model: {' '.join(str(err).split())}") from None
+    if fresh_rows:
+        model.init_image_embedding()
 
 
 def build_data(run: MLLMRunConfig, tokenizer, vocab: VisualVocab) -> Dataset:
     """The stage's training mixture (`mllm.data.mixture.build_dataset`); data errors raise ConfigError."""
     try:
-        return build_dataset(run.data, tokenizer, vocab, run.model.semhitok)
+        return build_dataset(run.data, tokenizer, vocab, run.model.semhitok, run.model.system_prompt)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data: {err}") from None
 
@@ -129,11 +138,12 @@ def pad_id_of(tokenizer) -> int:
 
 @dataclass
 class Tally:
-    """Sums over the micro-batches since the last log record (token-weighted losses, counts). The loss sums stay
-    tensors on the device, so training never waits for the device between log records."""
+    """Sums over the micro-batches since the last log record: the optimised loss per micro-batch, the text and image
+    losses token-weighted, counts. The loss sums stay tensors on the device, so training never waits for the device
+    between log records."""
 
     loss: float | Tensor = 0.0
-    n: float = 0.0
+    micro_batches: float = 0.0
     loss_text: float | Tensor = 0.0
     n_text: float = 0.0
     loss_image: float | Tensor = 0.0
@@ -150,8 +160,8 @@ class Tally:
         n_text = int((target != IGNORE_INDEX).sum()) - n_image
         self.loss_text = self.loss_text + out["loss_text"].detach().double() * n_text
         self.loss_image = self.loss_image + out["loss_image"].detach().double() * n_image
-        self.loss = self.loss + out["loss"].detach().double() * (n_text + n_image)
-        self.n, self.n_text, self.n_image = self.n + n_text + n_image, self.n_text + n_text, self.n_image + n_image
+        self.loss, self.micro_batches = self.loss + out["loss"].detach().double(), self.micro_batches + 1
+        self.n_text, self.n_image = self.n_text + n_text, self.n_image + n_image
         self.tokens += int(batch["attention_mask"].sum())
         self.samples += batch["batch_size"]
         directions = batch.get("direction", [])
@@ -180,15 +190,18 @@ class MLLMTrainer(Trainer):
 
     def __init__(self, run: MLLMRunConfig, launch: Launch, dataset: Dataset | None = None):
         t = run.train
-        super().__init__(run, launch, Path(t.out_dir), t.stage, Cadence(t.log_every, t.ckpt_every, t.keep_last,
-                                                                        log_at_end=True))  # fmt: skip
+        cadence = Cadence(t.log_every, t.ckpt_every, t.keep_last, eval_every=t.diagnose_every, log_at_end=True)
+        super().__init__(run, launch, Path(t.out_dir), t.stage, cadence)
         self.t, self.accum = t, grad_accum_of(t, launch.world_size)
-        self.objective = OBJECTIVES[t.stage]()
+        self.objective = OBJECTIVES[t.stage](t.loss)
         run = self.run = resolve_model_paths(run)
         check_paths(run)
         self.precision = resolve_precision(t.precision, launch.device)
         ds_bf16 = self.precision.bf16 and launch.device.type == "cuda"  # DeepSpeed's bf16 mode: CUDA; CPU: autocast
         ds_config = deepspeed_config(t.deepspeed, t, self.accum, ds_bf16) if t.deepspeed else None
+        if t.diagnose_every and ds_config is not None and ds_config["zero_optimization"].get("stage") == 3:
+            raise ConfigError("train.diagnose_every: the learning diagnostics do not run under ZeRO-3 (its weights are "
+                              "partitioned); use ZeRO-2 or DDP, or set train.diagnose_every=0")  # fmt: skip
         seed_everything(t.seed)
         model = build_model(run).to(launch.device).train()
         tokenizer = model.load_text_tokenizer()
@@ -198,6 +211,7 @@ class MLLMTrainer(Trainer):
         self.loader, self.per_epoch = self.stream.loader, self.stream.per_epoch
         self.total = t.steps or math.ceil(t.epochs * self.per_epoch / self.accum)
         self.vocab = model.vocab
+        self.diagnostics = self._diagnostic_set(tokenizer) if t.diagnose_every else None  # every rank: same errors
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
         if ds_config is not None:
             autocast = self.precision.autocast(launch.device) if not ds_bf16 else None
@@ -210,11 +224,14 @@ class MLLMTrainer(Trainer):
             self.resume(*found)
         self.tally = Tally()
         self.start(self._start_line(model, len(dataset), found[0] if found else None))
+        if self.diagnostics is not None and self.step == 0:  # where a fresh run starts from
+            self.periodic_eval()
 
     def _start_line(self, model: SemHiTokLM, n_samples: int, ckpt: Path | None) -> str:
         m, t, world = model.config, self.t, self.launch.world_size
-        trains = [k.removeprefix("train_") for k in ("train_adapter", "train_head", "train_special_tokens")
-                  if getattr(m, k)] + ([f"llm ({m.train_llm})"] if m.train_llm != "frozen" else [])  # fmt: skip
+        parts = {"adapter": m.train_adapter and m.image_input != "embedding", "image rows": m.train_adapter and
+                 m.image_input != "adapter", "head": m.train_head, "special_tokens": m.train_special_tokens}  # fmt: skip
+        trains = [k for k, on in parts.items() if on] + ([f"llm ({m.train_llm})"] if m.train_llm != "frozen" else [])
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         note = f", {self.precision.describe()}"
         if m.dtype != "float32" and self.launch.mode != "deepspeed":
@@ -244,7 +261,7 @@ class MLLMTrainer(Trainer):
         s, self.tally = self.tally.reduced(self.launch.device), Tally()  # collective: every rank gets here
         r = {
             "step": self.step, "epoch": round(self.stream.seen / self.per_epoch, 4),
-            "loss": s.loss / max(s.n, 1), "loss_text": s.loss_text / max(s.n_text, 1),
+            "loss": s.loss / max(s.micro_batches, 1), "loss_text": s.loss_text / max(s.n_text, 1),
             "loss_image": s.loss_image / max(s.n_image, 1), "lr": lr_at(self.step - 1, self.total, self.t),
             "grad_norm": float(self.grad_norm), "tokens_per_s": s.tokens / seconds, "samples": int(s.samples),
             "understanding": int(s.understanding), "generation": int(s.generation),
@@ -253,6 +270,29 @@ class MLLMTrainer(Trainer):
         line = (f"step {r['step']}/{self.total} loss {r['loss']:.4f} (text {r['loss_text']:.4f}, image "
                 f"{r['loss_image']:.4f}) lr {r['lr']:.2e} {r['tokens_per_s']:.0f} tok/s")  # fmt: skip
         return r, line, {"loss": f"{r['loss']:.4f}", "tok_s": f"{r['tokens_per_s']:.0f}"}
+
+    # ---------------------------------------------------------------- learning diagnostics
+
+    def _diagnostic_set(self, tokenizer) -> DiagnosticSet:
+        """`train.diagnose`'s held-out set, its images encoded once by the run's SemHiTok; its samples rendered as
+        the training data is."""
+        d, data, device = self.t.diagnose, self.run.data, self.launch.device
+        try:
+            semhitok = SemHiTok.from_pretrained(self.run.model.semhitok).to(device)
+            return build_diagnostic_set(d.data, semhitok, tokenizer, self.vocab, questions=d.questions,
+                                        captions=d.captions, template=data.template, system=self.run.model.system_prompt,
+                                        prompt=data.prompt, max_length=data.max_length, device=device)  # fmt: skip
+        except ValueError as err:  # DiagnosticsError, ConversationError, a bad SemHiTok folder
+            raise ConfigError(f"train.diagnose.data: {err}") from None
+
+    def periodic_eval(self) -> None:
+        """Rank 0: the learning diagnostics on the held-out set -> `diag/*` in log.jsonl (the other ranks go on and
+        wait for it at the next step's gradient all-reduce)."""
+        if self.diagnostics is None or not self.launch.is_main:
+            return
+        with self.runner.forward_context():
+            record = self.diagnostics.log_record(self.runner.module)
+        self.log.write({"step": self.step, **record})
 
     # ---------------------------------------------------------------- checkpoints and outputs
 

@@ -1,0 +1,82 @@
+"""Learning diagnostics of a SemHiTok MLLM on a held-out synthetic folder (DESIGN §9; `mllm.diagnostics`).
+
+    python eval/diagnose.py image-dependence --model DIR --data DIR [--n 400] [--out FILE.json]
+        yes/no answer margin log P(Yes) - log P(No) on n balanced questions with the real image and with another
+        scene's image: AUC of the margin against the true answer for both, mean margins per true answer
+    python eval/diagnose.py caption-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
+        image NLL (nats per image token) given the true caption, the empty caption and another scene's caption; the
+        gap empty - true (0 = the caption is ignored)
+    common options: --template auto --prompt "Generate an image of: {caption}" --device auto --precision auto
+                    --seed 0 --trust-remote-code
+
+--data is a folder scripts/render_synthetic.py wrote, rendered with another seed than the training data. Samples are
+rendered as training renders them (the template, the checkpoint's system prompt, the generation prompt). Prints the
+numbers and writes them as JSON (default: outputs/diagnose/<command>.json). Bad input (missing or non-MLLM checkpoint,
+a folder without scenes.jsonl, an --n the folder cannot fill) prints one line on stderr and exits with status 2.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from mllm.cli import add_trust_remote_code_arg, load, one_line_errors
+from mllm.constants import GENERATION_PROMPT
+from mllm.diagnostics import build_diagnostic_set, read_scenes
+from mllm.sampling import resolve_template
+from semhitok.runtime import PRECISIONS, Parser, int_in
+
+COMMANDS = {  # command -> (help, default --n, what --n counts)
+    "image-dependence": ("yes/no margin AUC with the real vs a swapped image", 400, "balanced questions (even)"),
+    "caption-dependence": ("image NLL with the true, empty and a swapped caption", 200, "scenes"),
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command, (text, n, counted) in COMMANDS.items():
+        c = sub.add_parser(command, help=text)
+        c.add_argument("--model", dest="checkpoint", metavar="DIR", type=Path, required=True,
+                       help="MLLM folder (<train.out_dir>/model)")  # fmt: skip
+        c.add_argument("--data", metavar="DIR", type=Path, required=True,
+                       help="held-out synthetic folder (scenes.jsonl, images/)")  # fmt: skip
+        c.add_argument("--n", type=int_in(2), default=n, help=counted)
+        c.add_argument("--out", type=Path, help=f"results JSON (default: outputs/diagnose/{command}.json)")
+        c.add_argument("--template", default="auto", help="conversation template the model was trained with")
+        c.add_argument("--prompt", default=GENERATION_PROMPT, help="text-to-image prompt it was trained with (data.prompt)")
+        c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        c.add_argument("--precision", default="auto", choices=PRECISIONS)
+        c.add_argument("--seed", type=int, default=0, help="which categories the questions ask about")
+        add_trust_remote_code_arg(c)
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    read_scenes(args.data, 2)  # a bad folder fails before the model loads
+    inference = load(args)
+    model, image = inference.model, args.command == "image-dependence"
+    diag = build_diagnostic_set(args.data, inference.semhitok, inference.tokenizer, model.vocab,
+                                questions=args.n if image else 2, captions=2 if image else args.n,
+                                template=resolve_template(args.template, inference.tokenizer),
+                                system=model.config.system_prompt, prompt=args.prompt, device=model.code_sem.device,
+                                seed=args.seed)  # fmt: skip
+    with inference.precision.autocast(model.code_sem.device):
+        result = diag.image_dependence(model) if image else diag.caption_dependence(model)
+    return {"command": args.command, "model": str(args.checkpoint), "data": str(args.data), **result}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    with one_line_errors(f"{p.prog} {args.command}"):
+        result = run(args)
+        out = args.out or Path("outputs/diagnose") / f"{args.command}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    for key, value in result.items():
+        print(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Learning diagnostics of the MLLM (DESIGN §9): does understanding read the image, does generation read the caption?
+
+    image dependence    balanced held-out yes/no questions (per scene one present and one absent category, asked as
+                        the synthetic training data asks them: `existence_question`). Margin = log P(answer "Yes") -
+                        log P(answer "No"), each the whole teacher-forced answer with its end-of-turn token, with the
+                        scene's own image and with another scene's image (a fixed derangement: scene k is shown scene
+                        k + 1's image). AUC of the margin against the true answer for both; a model that ignores the
+                        image has the same margins either way, so AUC(real) = AUC(swapped).
+    caption dependence  teacher-forced image NLL (nats per image token) of each scene's image after its caption, the
+                        empty caption (the unconditional prompt) and another scene's caption (the same derangement);
+                        gap = NLL(empty) - NLL(true) > 0 when the caption helps, 0 for a model that ignores it.
+
+Samples are built exactly as training builds them (`SampleBuilder`: template, system prompt, image layout, generation
+prompt) and scored in right-padded batches by `SemHiTokLM.sequence_nll` (NLL per row), outside the training forward:
+under DDP each rank scores on its own module, under ZeRO-2 the engine's module (its weights are whole); ZeRO-3
+partitions the weights, so the trainer refuses diagnostics there.
+
+Held-out data: a folder `scripts/render_synthetic.py` wrote (scenes.jsonl + images/), rendered with another seed than
+the training data. Used by `eval/diagnose.py` and, every `train.diagnose_every` steps, by the MLLM trainer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
+from mllm.data.mixture import LMSample, SampleBuilder, Skip, collate_lm
+from mllm.synthetic.questions import NO, YES, existence_question
+from mllm.synthetic.scene import CATEGORIES, Scene
+from mllm.vocab import VisualVocab
+from semhitok import SemHiTok, TokenGrid
+from semhitok.runtime import load_image, read_jsonl, to_tensor
+
+SCENES_NAME = "scenes.jsonl"
+LOG_KEYS = ("diag/image_auc", "diag/image_auc_swapped", "diag/caption_gap")  # what the trainer logs
+
+
+class DiagnosticsError(ValueError):
+    """Held-out data that cannot be diagnosed on; the message names the problem in one line."""
+
+
+# ---------------------------------------------------------------------------------------------------- arithmetic
+
+
+def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve of `scores` for the `positive` labels: P(score of a positive > score of a negative),
+    ties counting one half (Mann-Whitney). 0.5 = no separation."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    if y.all() or not y.any():
+        raise DiagnosticsError("AUC needs both positive and negative examples")
+    diff = s[y][:, None] - s[~y][None, :]  # (P, N)
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def derangement(n: int) -> list[int]:
+    """The fixed derangement k -> k + 1 (mod n): no index maps to itself (n >= 2)."""
+    if n < 2:
+        raise DiagnosticsError(f"swapping images or captions needs at least 2 scenes, got {n}")
+    return [(k + 1) % n for k in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------- held-out data
+
+
+@dataclass(frozen=True)
+class HeldOutScene:
+    image: str  # path relative to the folder (the key of its codes)
+    scene: Scene
+    caption: str  # the scene's first caption (its object list)
+
+
+def read_scenes(folder: str | Path, n: int) -> list[HeldOutScene]:
+    """The first `n` scenes of a synthetic folder; DiagnosticsError names a missing folder, file or field."""
+    path = Path(folder) / SCENES_NAME
+    if not path.is_file():
+        raise DiagnosticsError(f"{folder} is not a synthetic data folder (no {SCENES_NAME}): render one with "
+                               "scripts/render_synthetic.py --out DIR --seed S (another seed than the training data)")  # fmt: skip
+    scenes = []
+    for lineno, rec in read_jsonl(path):
+        if len(scenes) == n:
+            break
+        if not {"image", "scene", "captions"} <= set(rec) or not rec["captions"]:
+            raise DiagnosticsError(f"{path}:{lineno}: a scene record needs image, scene and captions")
+        scenes.append(HeldOutScene(rec["image"], Scene.from_dict(rec["scene"]), rec["captions"][0]))
+    if len(scenes) < 2:
+        raise DiagnosticsError(f"{path} holds {len(scenes)} scene(s); the diagnostics need at least 2")
+    return scenes
+
+
+@dataclass(frozen=True)
+class MemoryCodes:
+    """Codes of a few images held in memory, read like a `CodeCache` (what `SampleBuilder` reads)."""
+
+    grids: dict[str, TokenGrid]  # key -> TokenGrid (1, h, w)
+    K: int  # noqa: N815 (glossary name)
+    m: int
+    directory: str = "<held-out images>"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.grids
+
+    def grid(self, key: str) -> TokenGrid:
+        return self.grids[key]
+
+
+@torch.no_grad()
+def encode_images(semhitok: SemHiTok, folder: Path, keys: Sequence[str], batch_size: int = 16) -> MemoryCodes:
+    """The images `folder/key` through `semhitok` (resized and centre-cropped to its image size) -> MemoryCodes."""
+    size, device = semhitok.config.image_size, next(semhitok.parameters()).device
+    grids: dict[str, TokenGrid] = {}
+    for start in range(0, len(keys), batch_size):
+        chunk = keys[start : start + batch_size]
+        pixels = torch.stack([to_tensor(load_image(folder / key, size)) for key in chunk])  # (B, 3, H, W)
+        grid = semhitok.encode(pixels.to(device))
+        for k, key in enumerate(chunk):
+            grids[key] = TokenGrid(grid.semantic[k : k + 1].cpu(), grid.texture[k : k + 1].cpu())
+    return MemoryCodes(grids, semhitok.config.K, semhitok.config.m)
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class YesNo:
+    scene: int  # index of the scene asked about
+    question: str
+    answer: bool
+
+
+def balanced_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0) -> list[YesNo]:
+    """n (even) yes/no questions, one present and one absent category (uniform) for each of the first n / 2 scenes."""
+    if n < 2 or n % 2 or n // 2 > len(scenes):
+        raise DiagnosticsError(f"{n} balanced questions need an even n >= 2 and n / 2 <= {len(scenes)} scenes")
+    rng, out = np.random.default_rng(seed), []
+    for k, s in enumerate(scenes[: n // 2]):
+        present = sorted({o.category for o in s.scene.objects})
+        absent = [c for c in CATEGORIES if c not in present]
+        out += [YesNo(k, existence_question(present[rng.integers(len(present))]), True),
+                YesNo(k, existence_question(absent[rng.integers(len(absent))]), False)]  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class NLL:
+    """Teacher-forced NLL of one sample: its text and image targets, summed, and how many there are."""
+
+    text: float
+    n_text: int
+    image: float
+    n_image: int
+
+
+class Scorer(Protocol):
+    """What the diagnostics use of a model (`SemHiTokLM.sequence_nll`)."""
+
+    def sequence_nll(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> dict[str, Tensor]: ...
+
+
+def score(model: Scorer, samples: Sequence[LMSample], device: torch.device, batch_size: int = 16) -> list[NLL]:
+    """Every sample's NLL, `batch_size` right-padded samples per call of `model.sequence_nll`."""
+    out = []
+    for start in range(0, len(samples), batch_size):
+        batch = collate_lm(samples[start : start + batch_size], pad_id=0)
+        sums = model.sequence_nll(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+        rows = zip(*(sums[k].tolist() for k in ("text", "n_text", "image", "n_image")), strict=True)
+        out += [NLL(text, int(n_text), image, int(n_image)) for text, n_text, image, n_image in rows]
+    return out
+
+
+@dataclass
+class DiagnosticSet:
+    """A fixed held-out set and the two diagnostics on it (see the module docstring)."""
+
+    builder: SampleBuilder  # renders samples as training does; its codes hold every scene's image
+    scenes: list[HeldOutScene]
+    questions: list[YesNo]
+    captions: int  # scenes scored for caption dependence
+    device: torch.device
+    batch_size: int = 16
+
+    def image_dependence(self, model: Scorer) -> dict[str, Any]:
+        """AUC of the yes/no margin against the truth with the real and a swapped image, and the mean margins."""
+        swap = derangement(len(self.scenes))
+        images = {"": [self.scenes[q.scene].image for q in self.questions],
+                  "_swapped": [self.scenes[swap[q.scene]].image for q in self.questions]}  # fmt: skip
+        truth = [q.answer for q in self.questions]
+        result: dict[str, Any] = {"questions": len(truth)}
+        for name, shown in images.items():
+            samples = [self._answer(q, image, a) for q, image in zip(self.questions, shown, strict=True) for a in (YES, NO)]
+            nll = score(model, samples, self.device, self.batch_size)
+            margins = [no.text - yes.text for yes, no in zip(nll[::2], nll[1::2], strict=True)]  # log P(Yes) - log P(No)
+            result[f"auc{name}"] = auc(margins, truth)
+            for answer, word in ((True, "yes"), (False, "no")):
+                result[f"margin_{word}{name}"] = float(np.mean([m for m, t in zip(margins, truth, strict=True) if t == answer]))
+        return {k: result[k] for k in ("questions", "auc", "auc_swapped", *sorted(k for k in result if "margin" in k))}
+
+    def caption_dependence(self, model: Scorer) -> dict[str, Any]:
+        """Mean image NLL per image token with the true, the empty and a swapped caption; gap = empty - true."""
+        scenes = self.scenes[: self.captions]
+        swap = derangement(len(scenes))
+        shown = {"true": [s.caption for s in scenes], "empty": [""] * len(scenes),
+                 "swapped": [scenes[swap[k]].caption for k in range(len(scenes))]}  # fmt: skip
+        means = {}
+        for name, captions in shown.items():
+            samples = [self._build(lambda c=c, s=s: self.builder.generation(c, s.image), s.image)
+                       for c, s in zip(captions, scenes, strict=True)]  # fmt: skip
+            means[f"nll_{name}"] = float(np.mean([x.image / max(x.n_image, 1) for x in score(model, samples, self.device, self.batch_size)]))
+        return {"scenes": len(scenes), **means, "gap": means["nll_empty"] - means["nll_true"],
+                "gap_swapped": means["nll_swapped"] - means["nll_true"]}  # fmt: skip
+
+    def log_record(self, model: nn.Module) -> dict[str, float]:
+        """The trainer's cheap record: `LOG_KEYS` from both diagnostics, the model in eval mode (no dropout; its
+        mode is restored)."""
+        was_training = model.training
+        model.eval()
+        try:
+            image, caption = self.image_dependence(model), self.caption_dependence(model)
+        finally:
+            model.train(was_training)
+        return dict(zip(LOG_KEYS, (image["auc"], image["auc_swapped"], caption["gap"]), strict=True))
+
+    def _answer(self, q: YesNo, image: str, answer: str) -> LMSample:
+        turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q.question}"}, {"from": "gpt", "value": answer}]
+        return self._build(lambda: self.builder.understanding(turns, image), image)
+
+    def _build(self, make: Callable[[], LMSample], image: str) -> LMSample:
+        try:
+            return make()
+        except Skip as skip:
+            raise DiagnosticsError(f"held-out sample of {image} cannot be built: {skip.reason}") from None
+
+
+def build_diagnostic_set(folder: str | Path, semhitok: SemHiTok, tokenizer, vocab: VisualVocab, *, questions: int,
+                         captions: int, template: str, system: str | None, prompt: str = GENERATION_PROMPT,
+                         max_length: int = sys.maxsize, device: torch.device | str = "cpu",
+                         seed: int = 0) -> DiagnosticSet:  # fmt: skip
+    """The held-out set of a synthetic folder: `questions` balanced yes/no questions (over questions / 2 scenes) and
+    `captions` scenes, their images encoded once by `semhitok`; samples rendered with `template`, the system prompt
+    `system`, the generation `prompt` and `max_length` as in training. DiagnosticsError for bad data or sizes."""
+    if questions < 2 or questions % 2 or captions < 2:
+        raise DiagnosticsError(f"the yes/no questions must be an even number >= 2 and the caption scenes >= 2, got "
+                               f"{questions} and {captions}")  # fmt: skip
+    need = max(questions // 2, captions)
+    scenes = read_scenes(folder, need)
+    if len(scenes) < need:
+        raise DiagnosticsError(f"{folder} holds {len(scenes)} scenes; {questions} questions (one scene per two) and "
+                               f"{captions} caption scenes need {need}")  # fmt: skip
+    asked = balanced_questions(scenes, questions, seed)
+    try:
+        codes = encode_images(semhitok, Path(folder), [s.image for s in scenes])
+    except (OSError, ValueError) as err:
+        raise DiagnosticsError(f"{folder}: cannot read its images ({' '.join(str(err).split())})") from None
+    builder = SampleBuilder(tokenizer, vocab, codes, template, max_length, prompt, system)
+    return DiagnosticSet(builder, scenes, asked, captions, torch.device(device))

@@ -1,0 +1,194 @@
+"""Learning diagnostics (mllm.diagnostics, eval/diagnose.py): the AUC / derangement arithmetic, constructed scorers
+whose answers do or do not read the image and whose image NLL does or does not read the caption, a tiny random MLLM
+(SmolLM2's tokenizer, so "Yes" and "No" are distinct tokens) whose image input is switched off, and the command line.
+The trainer's periodic diagnostics are tested in test_mllm_train.py."""
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mllm.diagnostics import (
+    LOG_KEYS,
+    DiagnosticsError,
+    auc,
+    build_diagnostic_set,
+    derangement,
+    read_scenes,
+)
+from mllm.model import MLLMConfig, SemHiTokLM
+from mllm.synthetic.dataset import write_dataset
+from mllm.text_tokenizer import load_text_tokenizer
+from mllm.vocab import VisualVocab
+from semhitok import PRESETS, SemHiTok
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = PRESETS["semhitok-tiny"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """root: the tiny SemHiTok, 12 held-out synthetic scenes at its 32 px, a tiny random Llama with SmolLM2's
+    tokenizer (llm/) and an MLLM around it (mllm/)."""
+    from mllm.assets import smollm2_path
+
+    root = tmp_path_factory.mktemp("diagnose")
+    torch.manual_seed(0)
+    SemHiTok(TINY).save_pretrained(root / "semhitok")
+    write_dataset(root / "heldout", 12, size=TINY.image_size, seed=3)
+    tokenizer = load_text_tokenizer(smollm2_path())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    tiny_mllm(root).save_pretrained(root / "mllm")
+    return root
+
+
+def tiny_mllm(root: Path) -> SemHiTokLM:
+    torch.manual_seed(0)
+    config = MLLMConfig(llm=str(root / "llm"), semhitok=str(root / "semhitok"), adapter_width_sem=16,
+                        adapter_width_pix=8)  # fmt: skip
+    return SemHiTokLM.from_config(config).eval()
+
+
+def diagnostic_set(world: Path, questions: int = 12, captions: int = 6):
+    tokenizer = load_text_tokenizer(world / "llm")
+    vocab = VisualVocab.create(tokenizer, TINY.K, TINY.m, len(tokenizer))
+    semhitok = SemHiTok.from_pretrained(world / "semhitok")
+    return build_diagnostic_set(world / "heldout", semhitok, tokenizer, vocab, questions=questions, captions=captions,
+                                template="chat_template", system="")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- arithmetic
+
+
+def test_auc_and_derangement():
+    assert auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert auc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert auc([1.0, 1.0, 1.0, 1.0], [False, True, False, True]) == 0.5  # ties count one half
+    assert auc([0.5, 0.1, 0.3], [True, False, False]) == 1.0 and auc([0.2, 0.1, 0.3], [True, False, False]) == 0.5
+    with pytest.raises(DiagnosticsError, match="both positive and negative"):
+        auc([1.0, 2.0], [True, True])
+    assert derangement(4) == [1, 2, 3, 0] and all(k != j for k, j in enumerate(derangement(7)))
+    with pytest.raises(DiagnosticsError, match="at least 2 scenes"):
+        derangement(1)
+
+
+# ---------------------------------------------------------------------------------------------------- constructed
+
+
+class Cheat:
+    """A scorer that reads the answer off the image it is shown (true category present: "Yes" costs 0.1 nats, "No"
+    2.1, else the reverse) and whose image NLL is 1 nat per token after the image's own caption, 2 otherwise.
+    With `image=False` / `caption=False` it ignores the image / the caption instead."""
+
+    def __init__(self, diag, image: bool = True, caption: bool = True):
+        self.diag, self.image, self.caption = diag, image, caption
+        codes, vocab = diag.builder.codes, diag.builder.vocab
+        self.scene_of = {tuple(vocab.to_ids(codes.grid(s.image))[0].tolist()): s for s in diag.scenes}
+        self.tokenizer, self.yes = diag.builder.tokenizer, diag.builder.tokenizer("Yes")["input_ids"][0]
+
+    def sequence_nll(self, input_ids, attention_mask, labels) -> dict[str, torch.Tensor]:
+        rows = [self._row(ids[mask.bool()], lab[mask.bool()]) for ids, mask, lab in zip(input_ids, attention_mask, labels, strict=True)]
+        return {k: torch.tensor([r[k] for r in rows]) for k in ("text", "n_text", "image", "n_image")}
+
+    def _row(self, ids, labels) -> dict[str, float]:
+        vocab = self.diag.builder.vocab
+        image = vocab.is_image_id(ids)
+        text = self.tokenizer.decode(ids[~image & (labels == -100)])
+        targets = labels[labels != -100]
+        if not vocab.is_image_id(targets).any():  # an answer: which one, and is its category shown?
+            scene = self.scene_of[tuple(ids[image].tolist())]
+            shown = any(f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in" in text
+                        for c in {o.category for o in scene.scene.objects})  # fmt: skip
+            says_yes = bool((targets == self.yes).any())
+            nll = 0.1 if says_yes == (shown if self.image else True) else 2.1
+            return {"text": nll, "n_text": len(targets), "image": 0.0, "n_image": 0}
+        n = int(vocab.is_image_id(targets).sum())
+        scene = self.scene_of[tuple(targets[vocab.is_image_id(targets)].tolist())]
+        per_token = 1.0 if (scene.caption in text or not self.caption) else 2.0
+        return {"text": 0.5, "n_text": 1, "image": per_token * n, "n_image": n}
+
+
+def test_a_model_that_reads_the_image_and_caption_scores_above_one_that_ignores_them(world):
+    diag = diagnostic_set(world)
+    assert len(diag.questions) == 12 and [q.answer for q in diag.questions] == [True, False] * 6
+    reads = diag.image_dependence(Cheat(diag))
+    assert reads["auc"] == 1.0 and reads["auc_swapped"] < 0.9
+    assert reads["margin_yes"] == pytest.approx(2.0) and reads["margin_no"] == pytest.approx(-2.0)
+    ignores = diag.image_dependence(Cheat(diag, image=False))
+    assert ignores["auc"] == ignores["auc_swapped"] == 0.5
+    assert ignores["margin_yes"] == ignores["margin_yes_swapped"] == ignores["margin_no"] == pytest.approx(2.0)
+    captions = diag.caption_dependence(Cheat(diag))
+    assert captions["scenes"] == 6 and captions["nll_true"] == 1.0 and captions["nll_empty"] == 2.0
+    assert captions["gap"] == captions["gap_swapped"] == 1.0
+    blind = diag.caption_dependence(Cheat(diag, caption=False))
+    assert blind["gap"] == blind["gap_swapped"] == 0.0
+
+
+def test_a_real_model_without_image_input_has_equal_real_and_swapped_margins(world):
+    """The tiny random MLLM's margins move with the image it is shown; with the adapter's output zeroed every image
+    embeds the same, and the real and swapped images give the same margins and AUC."""
+    diag, model = diagnostic_set(world, questions=8, captions=2), tiny_mllm(world)
+    seeing = diag.image_dependence(model)
+    assert seeing["margin_yes"] != seeing["margin_yes_swapped"]
+    with torch.no_grad():
+        model.adapter.proj.weight.zero_()
+        model.adapter.proj.bias.zero_()
+    blind = diag.image_dependence(model)
+    assert blind["auc"] == blind["auc_swapped"]
+    assert blind["margin_yes"] == pytest.approx(blind["margin_yes_swapped"], abs=1e-5)
+    assert blind["margin_no"] == pytest.approx(blind["margin_no_swapped"], abs=1e-5)
+    record = diag.log_record(model.train())
+    assert set(record) == set(LOG_KEYS) and model.training  # the trainer's record; the mode is restored
+
+
+def test_bad_held_out_data_is_named(world, tmp_path):
+    with pytest.raises(DiagnosticsError, match="not a synthetic data folder .*render_synthetic.py"):
+        read_scenes(tmp_path, 4)
+    (tmp_path / "scenes.jsonl").write_text('{"image": "a.png"}\n')
+    with pytest.raises(DiagnosticsError, match=r"scenes.jsonl:1: a scene record needs image, scene and captions"):
+        read_scenes(tmp_path, 4)
+    with pytest.raises(DiagnosticsError, match="questions must be an even number >= 2 .* got 7 and 6"):
+        diagnostic_set(world, questions=7)
+    with pytest.raises(DiagnosticsError, match=r"heldout holds 12 scenes; 40 questions \(one scene per two\) and 6 "
+                       "caption scenes need 20"):  # fmt: skip
+        diagnostic_set(world, questions=40)
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    main = runpy.run_path(str(REPO / "eval" / "diagnose.py"), run_name="eval")["main"]
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_both_diagnostics_and_names_bad_input(world, tmp_path, capsys):
+    common = ["--model", world / "mllm", "--data", world / "heldout", "--device", "cpu", "--precision", "fp32"]
+    code, out, err = run_cli(["image-dependence", *common, "--n", "6", "--out", tmp_path / "image.json"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "image.json").read_text())
+    assert result["questions"] == 6 and 0 <= result["auc"] <= 1 and 0 <= result["auc_swapped"] <= 1
+    assert "auc_swapped" in out and "margin_no_swapped" in result
+    code, out, err = run_cli(["caption-dependence", *common, "--n", "3", "--out", tmp_path / "caption.json"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "caption.json").read_text())
+    assert result["scenes"] == 3 and result["gap"] == pytest.approx(result["nll_empty"] - result["nll_true"])
+    for args, match in ((["image-dependence", *common, "--n", "5"], "an even number >= 2"),
+                        (["image-dependence", *common[:3], tmp_path, "--n", "4"], "not a synthetic data folder"),
+                        (["caption-dependence", "--model", tmp_path, "--data", world / "heldout"], "checkpoint"),
+                        (["image-dependence", *common, "--n", "1"], "expected an integer >= 2")):  # fmt: skip
+        code, _, err = run_cli(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "error:" in lines[0] and match in lines[0], err
