@@ -28,11 +28,12 @@ import torch
 from mllm.cli import checkpoint_dir, load, one_line_errors, save_images
 from mllm.evaluation.geneval import format_summary, generate, score_folder, synthetic_metadata, write_metadata
 from mllm.sampling import ChatSession, Inference, SamplingConfig, generate_images
-from mllm.synthetic import Scene, detect, detection_accuracy, score_geneval
+from mllm.synthetic import Scene, score_geneval
 from mllm.synthetic.dataset import write_dataset
+from mllm.synthetic.detector import reconstruct_and_detect
 from mllm.synthetic.questions import qa_pool
 from semhitok.metrics import psnr
-from semhitok.runtime import Parser, fail, load_image, positive_int, to_pil, to_tensor
+from semhitok.runtime import Parser, fail, load_image, positive_int, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = (
@@ -122,12 +123,10 @@ def reconstruction_step(run: Inference, folder: Path, rows: list[dict]) -> dict:
     puts on the GenEval score of generated images."""
     size = run.semhitok.config.image_size
     images = torch.stack([to_tensor(load_image(folder / r["image"], size)) for r in rows])
-    with torch.no_grad():
-        recon = run.semhitok.decode(run.semhitok.encode(images)).clamp(-1, 1)
-    pil = [to_pil(x) for x in recon]
     scenes = [Scene.from_dict(r["scene"]) for r in rows]
+    detector, recon, pil = reconstruct_and_detect(run.semhitok, images, scenes)
     judged = [score_geneval(r["geneval"], im)[0] for r, im in zip(rows, pil, strict=True) if r["geneval"]]
-    return {"psnr": float(psnr(images, recon).mean()), "detector": detection_accuracy(scenes, [detect(im) for im in pil]),
+    return {"psnr": float(psnr(images, recon).mean()), "detector": detector,
             "geneval_judge": float(np.mean(judged)) if judged else None}  # fmt: skip
 
 

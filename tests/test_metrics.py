@@ -297,6 +297,39 @@ def test_reconstruction_script_with_rfid_on_the_shipped_tokenizer(tmp_path):
     assert results["num_images"] == 4 and math.isfinite(results["rfid"]) and results["rfid"] > 0
 
 
+def test_reconstruction_on_a_synthetic_render_reports_the_exact_detector(tmp_path, capsys):
+    """--synthetic: the detector reads each reconstruction against its own scene. An identity "tokenizer" scores 1.0
+    (the detector reads the renders exactly), one that swaps images between scenes does not; the shipped tokenizer
+    runs through the script."""
+    from types import SimpleNamespace
+
+    from mllm.synthetic.dataset import write_dataset
+
+    render = write_dataset(tmp_path / "render", 6, size=64, seed=3)
+    script = load_script("reconstruction")
+
+    class Codec(torch.nn.Module):
+        def __init__(self, shuffle: bool):
+            super().__init__()
+            self.w, self.shuffle, self.config = torch.nn.Parameter(torch.zeros(1)), shuffle, SimpleNamespace(image_size=64)
+
+        def encode(self, x):
+            return x.roll(1, 0) if self.shuffle else x
+
+        def decode(self, x):
+            return x
+
+    assert script.synthetic_detection(Codec(False), render, None, 4) == {"count": 1.0, "shape": 1.0, "color": 1.0,
+                                                                        "position": 1.0}  # fmt: skip
+    assert script.synthetic_detection(Codec(True), render, None, 4)["color"] < 1.0
+    out = tmp_path / "out"
+    script.main([str(a) for a in ["--checkpoint", REPO / "mllm" / "demo" / "tokenizer", "--synthetic", render, "--out", out,
+                                  "--no-fid", "--limit", "4"]])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_images"] == 4 and set(results["detector"]) == {"count", "shape", "color", "position"}
+    assert "detector/shape" in capsys.readouterr().out
+
+
 def test_reconstruction_of_a_runs_holdout_split(tmp_path, checkpoint, capsys):
     from semhitok.runtime.configio import save_config
     from semhitok.train import DataConfig, TokenizerRunConfig, TrainConfig, build_datasets, in_holdout

@@ -646,8 +646,8 @@ def test_inception_teacher(inception_file):
     assert maps["mixed_7"].shape == (2, 768, 17, 17) and maps["mixed_10"].shape == (2, 2048, 8, 8)
     pool = teacher.pool_features(images)
     assert pool.shape == (2, 2048) and torch.allclose(pool, maps["pool2"].flatten(1))
-    with pytest.raises(ValueError, match="student"):
-        teacher.student_init_state()
+    assert set(teacher.student_init_state()) == {f"patch_embed.{u}.conv.{w}" for u in ("conv", "conv_1", "conv_2", "conv_3", "conv_4")
+                                                 for w in ("weight", "bias")}  # fmt: skip
     deep = replace(cfg, layer="mixed_10", dim=2048)
     assert build_teacher(deep, grid=16).features(images).shape == (2, 256, 2048)  # 8x8 upsampled by area
     small = build_teacher(replace(cfg, image_size=155), grid=8)  # the demo's input side: mixed_7 is exactly 8x8
@@ -751,3 +751,87 @@ def test_semhitok_core_imports_no_mllm_transformers_or_deepspeed():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def _inception_student(inception_file: str, image_size: int = 32, grid: int = 4, **semantic) -> SemHiTokConfig:
+    teacher = TeacherConfig(kind="inception", layer="mixed_7", dim=768, image_size=75, path=inception_file)
+    ch_mult = (1,) * (image_size // grid).bit_length()  # the pixel decoder's factor follows the patch size
+    return replace(TINY, image_size=image_size, grid=grid, teacher=teacher, pixel=replace(TINY.pixel, ch_mult=ch_mult),
+                   semantic=replace(TINY.semantic, **{"stem": "inception", "init_from_teacher": True, **semantic}))
+
+
+def test_the_student_starts_from_the_inception_teachers_stem(inception_file):
+    """semantic.stem inception + init_from_teacher: each stem unit computes exactly the teacher's conv + batch norm
+    + ReLU (the norm folded into the bias); the stem tiles the image like a patch embedding."""
+    model = SemHiTok(_inception_student(inception_file))
+    stem, layers = model.semantic_encoder.patch_embed, model.teacher.net.net.layers
+    for name in ("conv", "conv_1", "conv_2", "conv_3", "conv_4"):
+        conv = getattr(stem, name).conv
+        x = torch.randn(2, conv.in_channels, 19, 19)
+        unit = getattr(layers, name)  # padded as the teacher pads it (ours always pads "same")
+        ours = F.relu(F.conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=unit.padding))
+        assert torch.allclose(ours, unit(x), atol=1e-4), name
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert stem(images).shape == (2, TINY.semantic.width, 4, 4)
+    assert model.semantic_latent(images).shape == (2, 16, TINY.semantic.d_sem)
+    wide = SemHiTok(_inception_student(inception_file, image_size=64), init_from_teacher=False)  # 16 px patches
+    assert len(wide.semantic_encoder.patch_embed.down) == 1
+    assert wide.semantic_encoder.patch_embed(torch.zeros(1, 3, 64, 64)).shape == (1, TINY.semantic.width, 4, 4)
+
+
+def test_stem_choices_are_checked(inception_file):
+    with pytest.raises(ValueError, match="8 x 2\\*\\*n px patches; image_size / grid = 4"):
+        _inception_student(inception_file, image_size=32, grid=8)
+    patch = _inception_student(inception_file, stem="patch")  # an Inception teacher has no patch embedding to give
+    with pytest.raises(ValueError, match="no shared keys"):
+        SemHiTok(patch)
+    with pytest.raises(ValueError, match="stem must be one of"):
+        PatchViT(32, 8, 32, 1, 2, stem="conv")
+
+
+def test_feature_whitener_gives_unit_variance_principal_components():
+    from semhitok.modules import FeatureWhitener
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=g) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1, 0.01])  # decaying variances
+    x = torch.randn(4000, 6, generator=g) @ mix.T + 2.0
+    w = FeatureWhitener(6, 3)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        w(x)
+    w.fit(x)
+    y = w(x)
+    assert y.shape == (4000, 3) and torch.allclose(torch.cov(y.T), torch.eye(3), atol=1e-3)
+    assert torch.allclose(y.mean(0), torch.zeros(3), atol=1e-4)
+    again = FeatureWhitener(6, 3)
+    again.fit(x.flip(0))  # same data, other order: same axes, same signs
+    assert torch.allclose(again(x), y, atol=1e-4)
+    with pytest.raises(ValueError, match="more than 3 feature vectors"):
+        FeatureWhitener(6, 3).fit(x[:3])
+
+
+def test_whitened_target_trains_the_decoder_on_principal_components():
+    cfg = replace(TINY, semantic=replace(TINY.semantic, target="whitened", target_dims=8))
+    model = SemHiTok(cfg)
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    with pytest.raises(RuntimeError, match="not fitted"):
+        model.semantic_forward(images)
+    model.fit_target_whitener(images)
+    out = model.semantic_forward(images)
+    assert out["semantic_recon"].shape == out["semantic_target"].shape == (8, 16, 8)
+    assert any(n.startswith("target_whitener.") for n in model.state_dict())
+    with pytest.raises(ValueError, match="target_dims 64 exceeds the teacher's 32"):
+        replace(TINY, semantic=replace(TINY.semantic, target="whitened", target_dims=64))
+    with pytest.raises(ValueError, match="semantic.target is raw"):
+        SemHiTok(TINY).fit_target_whitener(images)
+
+
+def test_checkpoints_saved_before_a_key_existed_load_as_they_were_trained():
+    """Keys added later (ADDED_KEYS) read as the value every earlier model had; any other missing key still fails."""
+    data = TINY.to_dict()
+    for key in ("stem", "target", "target_dims", "target_fit_images"):
+        del data["semantic"][key]
+    old = SemHiTokConfig.from_dict(data)
+    assert (old.semantic.stem, old.semantic.target) == ("patch", "raw") and old == TINY
+    del data["semantic"]["d_sem"]
+    with pytest.raises(ConfigError, match=r"semantic\.d_sem"):
+        SemHiTokConfig.from_dict(data)

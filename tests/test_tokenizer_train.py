@@ -353,3 +353,18 @@ def test_code_probes_and_learning_curves_during_training(images, tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match="train.probe.data: .*missing.jsonl"):
         train(tiny(images, tmp_path / "bad", f"train.probe.data={tmp_path / 'missing.jsonl'}"))
+
+
+def test_a_whitened_stage1_fits_its_targets_once_and_keeps_them_on_resume(images, tmp_path):
+    """semantic.target whitened: the whitener is fitted on the training images of a fresh run, saved in the model and
+    in checkpoints, and a resumed run goes on with the saved one (bit-identical to an uninterrupted run)."""
+    extra = ["model.semantic.target=whitened", "model.semantic.target_dims=8", "train.sample_every=0",
+             "train.ckpt_every=0", "train.log_every=1"]  # fmt: skip
+    train(tiny(images, tmp_path / "straight", "train.steps=5", *extra))
+    train(tiny(images, tmp_path / "resumed", "train.steps=3", *extra))
+    train(tiny(images, tmp_path / "resumed", "train.steps=5", *extra))
+    a, b = weights(tmp_path / "straight" / "model"), weights(tmp_path / "resumed" / "model")
+    assert bool(a["target_whitener.fitted"]) and a["target_whitener.basis"].shape == (32, 8)
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert "semantic/mse" in log_records(tmp_path / "straight")[0]
+    assert SemHiTok.from_pretrained(tmp_path / "straight" / "model").target_whitener.fitted

@@ -254,3 +254,19 @@ def detection_accuracy(scenes: Sequence[Scene], detections: Sequence[Sequence[De
                     same and relative_position(da.bbox, db.bbox) == relative_position(a.bbox, b.bbox)
                 )
     return {k: float(np.mean(v)) if v else 1.0 for k, v in hits.items()}
+
+
+def reconstruct_and_detect(tokenizer, images, scenes: Sequence[Scene], batch_size: int = 64):
+    """What the exact detector still reads after a tokenizer's encode -> decode: images (N, 3, H, W) in [-1, 1] of
+    `scenes` -> ({"count", "shape", "color", "position"}: `detection_accuracy`, reconstructions (N, 3, H, W) clamped
+    to [-1, 1], PIL reconstructions). The ceiling that decoding puts on generation."""
+    import torch
+
+    from semhitok.runtime import to_pil
+
+    device = next(tokenizer.parameters()).device
+    with torch.no_grad():
+        recon = torch.cat([tokenizer.decode(tokenizer.encode(chunk.to(device))).clamp(-1, 1).cpu()
+                           for chunk in images.split(batch_size)])  # fmt: skip
+    pil = [to_pil(x) for x in recon]
+    return detection_accuracy(scenes, [detect(im) for im in pil]), recon, pil

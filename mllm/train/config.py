@@ -26,6 +26,7 @@ from semhitok.runtime import (
     from_dict,
     merge_dicts,
     read_yaml,
+    scheduled_lr,
     to_dict,
 )
 
@@ -179,11 +180,6 @@ def grad_accum_of(t: TrainConfig, world: int) -> int:
 
 
 def lr_at(step: int, total: int, t: TrainConfig) -> float:
-    """LR of optimizer step `step` (0-based) of `total`: linear warm-up to t.lr, then cosine to t.min_lr_ratio * lr."""
-    warmup = math.ceil(t.warmup_ratio * total)
-    if step < warmup:
-        return t.lr * (step + 1) / warmup
-    if t.schedule == "constant":
-        return t.lr
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """LR of optimizer step `step` (0-based) of `total`: linear warm-up (t.warmup_ratio of the steps) to t.lr, then
+    cosine to t.min_lr_ratio * lr, or constant (`semhitok.runtime.scheduled_lr`)."""
+    return scheduled_lr(step, total, t.lr, math.ceil(t.warmup_ratio * total), t.schedule, t.min_lr_ratio)

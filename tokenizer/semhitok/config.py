@@ -67,7 +67,8 @@ class SemanticConfig:
     depth: int = 12
     heads: int = 16
     mlp_ratio: float = 4.0
-    init_from_teacher: bool = True  # copy patch embedding + first `depth` blocks from a ViT teacher
+    init_from_teacher: bool = True  # copy patch embedding + first `depth` blocks (ViT teacher) or the stem (Inception)
+    stem: Literal["patch", "inception"] = "patch"  # the student's patch embedding (modules.PatchViT)
     d_sem: int = 32
     codebook_size: int = 16384  # K
     ema_decay: float = 0.99
@@ -80,11 +81,19 @@ class SemanticConfig:
     decoder_heads: int = 12
     l1_weight: float = 1.0  # lambda in (1 - cos) + lambda * L1
     commit_weight: float = 0.25  # beta
+    # "raw": the paper's (1 - cos) + lambda * L1 to the teacher's features. "whitened": MSE to the teacher's top
+    # `target_dims` principal components, each scaled to unit variance (fitted once on `target_fit_images` training
+    # images and saved with the model), so a low-variance direction (object shape) weighs as much as the dominant
+    # ones (colour, layout) instead of a cosine they barely move.
+    target: Literal["raw", "whitened"] = "raw"
+    target_dims: int = 64
+    target_fit_images: int = 1024
 
     def __post_init__(self) -> None:
         _check(self.width % self.heads == 0, f"semantic.width {self.width} not divisible by heads {self.heads}")
         _check(self.decoder_width % self.decoder_heads == 0, "semantic.decoder_width not divisible by decoder_heads")
         _check(0.0 <= self.ema_decay < 1.0, f"semantic.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(self.target_dims >= 1 and self.target_fit_images >= 1, "semantic.target_dims and target_fit_images must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,14 @@ class SemHiTokConfig:
             f"pixel.ch_mult {self.pixel.ch_mult} gives a {self.pixel.downsample}x decoder but image_size/grid = "
             f"{self.patch_size}; use len(ch_mult) = {self.patch_size.bit_length()}",
         )
+        _check(
+            self.semantic.target != "whitened" or self.semantic.target_dims <= self.teacher.dim,
+            f"semantic.target_dims {self.semantic.target_dims} exceeds the teacher's {self.teacher.dim} dimensions",
+        )
+        _check(
+            self.semantic.stem != "inception" or (self.patch_size >= 8 and self.patch_size & (self.patch_size - 1) == 0),
+            f"semantic.stem inception tiles the image in 8 x 2**n px patches; image_size / grid = {self.patch_size}",
+        )
 
     @property
     def patch_size(self) -> int:
@@ -186,9 +203,30 @@ class SemHiTokConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SemHiTokConfig:
-        """Strict inverse of `to_dict`: unknown or missing keys raise ConfigError naming them (dotted)."""
+        """Strict inverse of `to_dict`: unknown or missing keys raise ConfigError naming them (dotted); a key added
+        after a checkpoint was saved (`ADDED_KEYS`) reads as the value that reproduces the model it saved."""
+        data = _with_added_keys(data)
         _require_all_keys(cls, data, "")
         return _from_dict(cls, data)
+
+
+# Keys added to SemHiTokConfig after checkpoints were shipped: (section, key) -> the value every earlier model had.
+ADDED_KEYS: Mapping[tuple[str, str], Any] = types.MappingProxyType({
+    ("semantic", "stem"): "patch",
+    ("semantic", "target"): "raw",
+    ("semantic", "target_dims"): SemanticConfig.target_dims,
+    ("semantic", "target_fit_images"): SemanticConfig.target_fit_images,
+})  # fmt: skip
+
+
+def _with_added_keys(data: Any) -> Any:
+    if not isinstance(data, Mapping):
+        return data
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for (section, key), value in ADDED_KEYS.items():
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(key, value)
+    return data
 
 
 def _require_all_keys(cls: type, data: Any, where: str) -> None:

@@ -27,9 +27,10 @@ from semhitok.teachers import INCEPTION_INPUT, InceptionTeacher
 
 
 def semantic_loss(recon: Tensor, target: Tensor) -> dict[str, Tensor]:
-    """recon, target (B, L, D_teacher) -> {"cosine": mean(1 - cos), "l1": mean |recon - target|}."""
-    cosine = 1.0 - F.cosine_similarity(recon.float(), target.float(), dim=-1).mean()
-    return {"cosine": cosine, "l1": F.l1_loss(recon.float(), target.float())}
+    """recon, target (B, L, D) -> {"cosine": mean(1 - cos), "l1": mean |recon - target|, "mse": mean squared error}."""
+    recon, target = recon.float(), target.float()
+    cosine = 1.0 - F.cosine_similarity(recon, target, dim=-1).mean()
+    return {"cosine": cosine, "l1": F.l1_loss(recon, target), "mse": F.mse_loss(recon, target)}
 
 
 class PerceptualLoss(Protocol):

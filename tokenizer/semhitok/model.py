@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from semhitok.config import ConfigError, SemHiTokConfig
-from semhitok.modules import Decoder, Encoder, PatchViT, TokenDecoder
+from semhitok.modules import Decoder, Encoder, FeatureWhitener, PatchViT, TokenDecoder
 from semhitok.quantizers import (
     EMAQuantizer,
     FlatQuantizer,
@@ -134,10 +134,13 @@ class SemHiTok(nn.Module):
         self._teacher = (teacher,) if teacher is not None else ()  # a tuple keeps it out of the module tree
         self._frozen: list[nn.Module] = []
         s, L = config.semantic, config.grid**2
-        self.semantic_encoder = PatchViT(config.image_size, config.patch_size, s.width, s.depth, s.heads, s.mlp_ratio)
+        self.semantic_encoder = PatchViT(config.image_size, config.patch_size, s.width, s.depth, s.heads, s.mlp_ratio,
+                                         s.stem)
         self.semantic_head = nn.Sequential(nn.Linear(s.width, s.width), nn.Tanh(), nn.Linear(s.width, s.d_sem))
+        whitened = s.target == "whitened"
+        self.target_whitener = FeatureWhitener(config.teacher.dim, s.target_dims) if whitened else None
         self.semantic_decoder = TokenDecoder(L, s.d_sem, s.decoder_width, s.decoder_depth, s.decoder_heads,
-                                             config.teacher.dim)
+                                             s.target_dims if whitened else config.teacher.dim)
         self.quantizer = build_stage2_quantizer(config)
         if not isinstance(self.quantizer, HierarchicalQuantizer):
             self.stage1_quantizer = build_semantic_quantizer(config)  # baselines: semantic VQ of stage 1 only
@@ -162,7 +165,8 @@ class SemHiTok(nn.Module):
         return self.quantizer.semantic if isinstance(self.quantizer, HierarchicalQuantizer) else self.stage1_quantizer
 
     def semantic_modules(self) -> list[nn.Module]:
-        return [self.semantic_encoder, self.semantic_head, self.semantic_quantizer, self.semantic_decoder]
+        parts = [self.semantic_encoder, self.semantic_head, self.semantic_quantizer, self.semantic_decoder]
+        return parts + ([self.target_whitener] if self.target_whitener is not None else [])
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         """Trainable parameters of a stage: "1" semantic branch, "2" pixel branch + stage-2 codebook,
@@ -211,9 +215,24 @@ class SemHiTok(nn.Module):
     # ---------------------------------------------------------------- latents
 
     def teacher_features(self, images: Tensor) -> Tensor:
-        """Semantic targets (B, L, D_teacher), no grad."""
+        """The teacher's features (B, L, D_teacher), no grad."""
         with torch.no_grad():
             return self.teacher.to(images.device).features(images)
+
+    def semantic_target(self, images: Tensor) -> Tensor:
+        """What the semantic decoder reconstructs: the teacher's features (B, L, D_teacher), or their whitened top
+        principal components (B, L, target_dims) under `semantic.target: whitened`."""
+        features = self.teacher_features(images)
+        return features if self.target_whitener is None else self.target_whitener(features)
+
+    @torch.no_grad()
+    def fit_target_whitener(self, images: Tensor, batch_size: int = 64) -> None:
+        """`semantic.target: whitened`: fit the whitener on the teacher's features of images (N, 3, H, W) (every
+        patch of every image is one sample)."""
+        if self.target_whitener is None:
+            raise ValueError("semantic.target is raw: there is no whitener to fit")
+        feats = [self.teacher_features(chunk) for chunk in images.split(batch_size)]
+        self.target_whitener.fit(torch.cat(feats).flatten(0, 1))
 
     def semantic_latent(self, images: Tensor) -> Tensor:
         """images -> (B, L, d_sem), l2-normalised."""
@@ -235,9 +254,10 @@ class SemHiTok(nn.Module):
     # ---------------------------------------------------------------- training forwards
 
     def semantic_forward(self, images: Tensor) -> dict[str, Tensor | QuantizerOutput]:
-        """Stage 1: -> {"semantic_recon" (B, L, D_t), "semantic_target" (B, L, D_t), "quantizer": QuantizerOutput}."""
+        """Stage 1: -> {"semantic_recon" (B, L, D_t), "semantic_target" (B, L, D_t), "quantizer": QuantizerOutput};
+        D_t is the teacher's dimension, or semantic.target_dims under a whitened target."""
         self._check_images(images)
-        target = self.teacher_features(images)
+        target = self.semantic_target(images)
         q = self.semantic_quantizer(self.semantic_latent(images))
         return {"semantic_recon": self.semantic_decoder(q.z_q), "semantic_target": target, "quantizer": q}
 

@@ -74,16 +74,96 @@ class Transformer(nn.Module):
         return self.norm(self.hidden_states(x)[-1])
 
 
-class PatchViT(Transformer):
-    """Images (B, 3, H, W) -> patch tokens (B, L, D) with L = (H / patch)**2; no class token."""
+class ConvReLU(nn.Sequential):
+    """Conv2d (with bias) + ReLU: one of Inception-v3's conv + batch-norm + ReLU units with the norm folded in."""
 
-    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
+        self.relu = nn.ReLU()
+
+
+class InceptionStem(nn.Module):
+    """Inception-v3's stem (conv 3x3/2, conv 3x3, conv 3x3, max-pool/2, conv 1x1, conv 3x3, max-pool/2: stride 8,
+    192 channels) with "same" padding so that it tiles the image like a patch embedding, then a stride-2 3x3 conv per
+    further factor of 2 up to `patch_size` and a 1x1 projection to `width`: images (B, 3, H, W) in [-1, 1] ->
+    (B, width, H / patch, W / patch). Its unit names match `InceptionTeacher.student_init_state` (the teacher's
+    pretrained filters, batch norm folded into the bias), which is what lets a student start from the teacher's
+    low-level features: trained from scratch, the small-data student does not learn object shape (docs/tokenizer.md)."""
+
+    STRIDE = 8
+    UNITS = (("conv", 3, 32, 3, 2), ("conv_1", 32, 32, 3, 1), ("conv_2", 32, 64, 3, 1), ("pool0", 0, 0, 3, 2),
+             ("conv_3", 64, 80, 1, 1), ("conv_4", 80, 192, 3, 1), ("pool1", 0, 0, 3, 2))  # fmt: skip
+
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        if patch_size < self.STRIDE or patch_size & (patch_size - 1):
+            raise ValueError(f"an Inception stem needs a power-of-2 patch size >= {self.STRIDE}, got {patch_size}")
+        for name, c_in, c_out, k, stride in self.UNITS:
+            unit = nn.MaxPool2d(k, stride, padding=k // 2) if name.startswith("pool") else ConvReLU(c_in, c_out, k, stride)
+            self.add_module(name, unit)
+        self.down = nn.Sequential(*(ConvReLU(192, 192, 3, 2) for _ in range(patch_size.bit_length() - 4)))
+        self.proj = nn.Conv2d(192, width, 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images * (255.0 / 256.0) - 1.0 / 256.0  # [-1, 1] -> Inception's (255 * (x + 1) / 2 - 128) / 128
+        for name, *_ in self.UNITS:
+            x = getattr(self, name)(x)
+        return self.proj(self.down(x))
+
+
+STEMS = ("patch", "inception")
+
+
+class PatchViT(Transformer):
+    """Images (B, 3, H, W) -> patch tokens (B, L, D) with L = (H / patch)**2; no class token.
+    `stem`: "patch" (a linear patch embedding) or "inception" (`InceptionStem`)."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, mlp_ratio: float = 4.0,
+                 stem: str = "patch"):  # fmt: skip
         super().__init__((image_size // patch_size) ** 2, width, depth, heads, mlp_ratio)
-        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if stem == "inception":
+            self.patch_embed: nn.Module = InceptionStem(patch_size, width)
+        else:
+            self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
 
     def hidden_states(self, images: Tensor) -> list[Tensor]:
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L, D)
         return super().hidden_states(tokens)
+
+
+class FeatureWhitener(nn.Module):
+    """PCA whitening of teacher features: (..., D) -> (..., k), the top-k principal components of the features it was
+    fitted on, each divided by its standard deviation. Buffers (saved with the model): mean (D), basis (D, k),
+    scale (k), fitted."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("basis", torch.zeros(dim, k))
+        self.register_buffer("scale", torch.ones(k))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @torch.no_grad()
+    def fit(self, features: Tensor) -> None:
+        """features (N, D), N > k: principal axes of their covariance (float64 eigh: deterministic), largest first."""
+        k = self.basis.shape[1]
+        if features.shape[0] <= k:
+            raise ValueError(f"fitting {k} principal components needs more than {k} feature vectors, got {features.shape[0]}")
+        x = features.double()
+        mean = x.mean(0)
+        values, vectors = torch.linalg.eigh(torch.cov((x - mean).T))  # ascending
+        values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+        vectors = vectors * torch.where(vectors.sum(0) < 0, -1.0, 1.0).to(vectors)  # a fixed sign per axis
+        self.mean.copy_(mean), self.basis.copy_(vectors), self.scale.copy_(values.clamp_min(1e-12).sqrt())
+        self.fitted.fill_(True)
+
+    def forward(self, features: Tensor) -> Tensor:
+        if not self.fitted:
+            raise RuntimeError("the teacher-feature whitener is not fitted (semantic.target: whitened): call fit first")
+        return ((features.float() - self.mean) @ self.basis) / self.scale
 
 
 class TokenDecoder(nn.Module):

@@ -52,10 +52,12 @@ def image_grid(rows: list[Tensor]) -> Image.Image:
 
 
 def stage1_objective(out: dict[str, Any], s: SemanticConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """(1 - cos) + l1_weight * L1 to the teacher + commit_weight * commitment -> (loss, metrics)."""
+    """(1 - cos) + l1_weight * L1 to the teacher's features (target raw), or MSE to their whitened principal
+    components (target whitened); + commit_weight * commitment -> (loss, metrics)."""
     q: QuantizerOutput = out["quantizer"]
     terms = semantic_loss(out["semantic_recon"], out["semantic_target"])
-    loss = terms["cosine"] + s.l1_weight * terms["l1"] + s.commit_weight * q.losses["commit"]
+    distill = terms["mse"] if s.target == "whitened" else terms["cosine"] + s.l1_weight * terms["l1"]
+    loss = distill + s.commit_weight * q.losses["commit"]
     return loss, {"loss": loss, **{f"semantic/{k}": v for k, v in {**terms, **q.losses, **q.stats}.items()}}
 
 
@@ -90,6 +92,9 @@ class StageObjective:
     def prepare(self) -> None:
         """Freeze / swap parts of the model before the stage's parameters are collected."""
 
+    def fit_targets(self, images: Tensor) -> None:
+        """A fresh run's data-dependent set-up before its first step (stage 1: the target whitener)."""
+
     def loss(self, forward: nn.Module, images: Tensor, step: int) -> dict[str, Tensor]:
         """images (B, 3, H, W) -> {"loss", metrics...} (+ "recon" for the step after the optimizer's)."""
         raise NotImplementedError
@@ -119,13 +124,18 @@ class SemanticDistillation(StageObjective):
     def loss(self, forward: nn.Module, images: Tensor, step: int) -> dict[str, Tensor]:
         return stage1_objective(forward(images), self.cfg.semantic)[1]
 
+    def fit_targets(self, images: Tensor) -> None:
+        """A fresh run with `semantic.target: whitened` fits the target whitener on these training images first."""
+        if self.model.target_whitener is not None:
+            self.model.fit_target_whitener(images.to(self.device))
+
     def evaluate(self, x: Tensor, out_dir: Path, step: int) -> dict[str, float]:
-        """The holdout's mean cosine to the teacher (stage 1 has no meaningful pixel decoder)."""
+        """The holdout's mean cosine and MSE to the target (stage 1 has no meaningful pixel decoder)."""
         self.model.eval()
         out = self.model.semantic_forward(x)
         self.model.train()
-        cos = F.cosine_similarity(out["semantic_recon"].float(), out["semantic_target"].float(), dim=-1)
-        return {"holdout/semantic_cosine": cos.mean().item()}
+        terms = semantic_loss(out["semantic_recon"], out["semantic_target"])
+        return {"holdout/semantic_cosine": 1.0 - terms["cosine"].item(), "holdout/semantic_mse": terms["mse"].item()}
 
 
 class PixelReconstruction(StageObjective):

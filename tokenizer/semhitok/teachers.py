@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semhitok.config import INCEPTION_LAYERS, TeacherConfig
-from semhitok.modules import PatchViT
+from semhitok.modules import InceptionStem, PatchViT
 
 INCEPTION_INPUT = 299  # Inception-v3's training resolution: FID and the perceptual loss use it
 INCEPTION_MIN_INPUT = 75  # the smallest input its stride-2 stages accept
+INCEPTION_BN_EPS = 1e-3  # its batch norms' epsilon
 
 
 class Teacher(nn.Module):
@@ -135,6 +136,20 @@ class InceptionTeacher(Teacher):
 
     def feature_map(self, images: Tensor) -> Tensor:
         return self.feature_maps(images, [self.cfg.layer])[self.cfg.layer]
+
+    def student_init_state(self) -> dict[str, Tensor]:
+        """The stem's conv units (`modules.InceptionStem` naming: patch_embed.<unit>.conv.{weight,bias}) with each
+        unit's batch norm folded in: relu(bn(conv(x))) == relu(conv'(x)). Only a student with `semantic.stem:
+        inception` has these keys."""
+        state, layers = {}, self.net.net.layers
+        for name, *_ in InceptionStem.UNITS:
+            if name.startswith("pool"):
+                continue
+            unit = getattr(layers, name)
+            scale = (unit.var + INCEPTION_BN_EPS).rsqrt()
+            state[f"patch_embed.{name}.conv.weight"] = unit.weight.detach() * scale[:, None, None, None]
+            state[f"patch_embed.{name}.conv.bias"] = unit.beta.detach() - unit.mean.detach() * scale
+        return state
 
     def pool_features(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [-1, 1] -> pool3 features (B, 2048), the rFID statistics space. Always computed at

@@ -58,6 +58,7 @@ from semhitok.runtime import (
     resolve_precision,
     restore_optimizer,
     run_training,
+    scheduled_lr,
     seed_everything,
     to_dict,
     wrap_ddp,
@@ -117,18 +118,23 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW for the stage's parameters (linear warm-up, then constant) and for the discriminator."""
+    """AdamW for the stage's parameters (linear warm-up, then constant or cosine to min_lr_ratio * lr at the last
+    step) and for the discriminator."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 1e-4
     warmup_steps: int = 1000
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     disc_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         check_lr("train.optim.lr", self.lr)
         check_lr("train.optim.disc_lr", self.disc_lr)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(frozen=True)
@@ -355,6 +361,11 @@ class TokenizerTrainer(Trainer):
         found = self.find_resume_point()
         self.raw = build_model(run, resuming=found is not None).to(self.device).train()
         self.objective = build_objective(t.stage, self.raw, self.cfg, t.optim, self.precision, self.device)
+        if found is None and t.stage == "1" and self.cfg.semantic.target == "whitened":
+            fit_on = first_images(train_set, self.cfg.semantic.target_fit_images)
+            if fit_on is None:
+                raise ConfigError("semantic.target whitened: no loadable training image to fit the whitener on")
+            self.objective.fit_targets(fit_on)
         self.params = self.objective.params
         o = t.optim
         self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -386,7 +397,7 @@ class TokenizerTrainer(Trainer):
 
     def _lr(self) -> float:
         o = self.t.optim
-        return o.lr * min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+        return scheduled_lr(self.step, self.total, o.lr, o.warmup_steps, o.schedule, o.min_lr_ratio)
 
     def train_step(self, images: Tensor) -> dict[str, Tensor]:
         """One optimizer step of the stage (+ the objective's step after it, e.g. the discriminator's) -> metrics."""

@@ -88,6 +88,7 @@ from semhitok.runtime.trainer import (
     TorchRunner,
     Trainer,
     run_training,
+    scheduled_lr,
     set_lr,
 )
 
@@ -182,5 +183,6 @@ __all__ = [
     "TorchRunner",
     "Trainer",
     "run_training",
+    "scheduled_lr",
     "set_lr",
 ]

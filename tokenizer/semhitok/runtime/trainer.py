@@ -103,6 +103,20 @@ class BatchStream:
         return skipped
 
 
+def scheduled_lr(step: int, total: int, lr: float, warmup: int, schedule: str = "constant",
+                 min_lr_ratio: float = 0.0) -> float:  # fmt: skip
+    """LR of optimizer step `step` (0-based) of `total`: linear warm-up over `warmup` steps to `lr`, then "constant"
+    or "cosine" down to min_lr_ratio * lr at `total` (both trainers' schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
