@@ -60,16 +60,17 @@ lint: $(INSTALLED)
 print-lock:
 	@echo $(LOCK)
 
-# Regenerate both locks (and the assets lock) from pyproject.toml (extras dev, eval, app) + requirements/pins.txt with uv, for Python 3.11 on
-# linux x86_64. Versions already locked are kept unless UPGRADE=1.
+# Regenerate both locks (and the assets lock) from pyproject.toml (extras dev, eval, app, tensorboard) +
+# requirements/pins.txt with uv, for Python 3.11 on linux x86_64. Versions already locked are kept unless UPGRADE=1.
+LOCK_EXTRAS = --extra dev --extra eval --extra app --extra tensorboard
 LOCK_FLAGS = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-find-links \
 	--custom-compile-command "make lock" -q $(if $(UPGRADE),--upgrade)
 lock: $(VENV)/bin/uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval --extra app -c requirements/pins.txt \
-		-c requirements/torch-cpu.txt $(addprefix --find-links ,$(shell $(PIP) config get global.find-links 2>/dev/null)) \
+	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_EXTRAS) -c requirements/pins.txt -c requirements/torch-cpu.txt \
+		$(addprefix --find-links ,$(shell $(PIP) config get global.find-links 2>/dev/null)) \
 		$(LOCK_FLAGS) -o requirements/lock-cpu.txt
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval --extra app -c requirements/pins.txt \
-		-c requirements/torch-cuda.txt $(LOCK_FLAGS) -o requirements/lock-cuda.txt
+	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_EXTRAS) -c requirements/pins.txt -c requirements/torch-cuda.txt \
+		$(LOCK_FLAGS) -o requirements/lock-cuda.txt
 	$(VENV)/bin/uv pip compile requirements/assets.in --no-deps $(LOCK_FLAGS) -o $(ASSETS_LOCK)
 
 # uv alone, at the locked version: `make lock` must work while the venv no longer matches pyproject.toml.

@@ -226,6 +226,17 @@ def test_a_zero_weight_leaves_its_direction_untrained(world, tmp_path):
     assert all(r["loss"] == pytest.approx(r["loss_text"]) for r in read_log(tmp_path))
 
 
+def test_tensorboard_holds_the_logged_numbers(world, tmp_path):
+    """train.tensorboard in this trainer (the skeleton's TensorBoard log; its resume: tests/test_tokenizer_train.py)."""
+    from test_tokenizer_train import tensorboard_matches_log
+
+    train(tiny_run(world, tmp_path, "train.tensorboard=true", "train.steps=2", "train.ckpt_every=0",
+                   "train.export_merged=false"))  # fmt: skip
+    board = tensorboard_matches_log(tmp_path)
+    tags = {tag for _, tag, _ in board}
+    assert [s for s, tag, _ in board if tag == "loss"] == [1, 2] and {"loss_image", "lr", "tokens_per_s"} <= tags
+
+
 def test_learning_diagnostics_are_logged_and_drawn(world, tmp_path):
     """train.diagnose_every: diag/* records at step 0 and every so many steps (held-out: the fixture's synthetic
     folder), drawn in their own panel of curves.png; bad settings are named before anything trains."""

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -368,3 +369,60 @@ def test_a_whitened_stage1_fits_its_targets_once_and_keeps_them_on_resume(images
     assert all(torch.equal(v, b[k]) for k, v in a.items())
     assert "semantic/mse" in log_records(tmp_path / "straight")[0]
     assert SemHiTok.from_pretrained(tmp_path / "straight" / "model").target_whitener.fitted
+
+
+# ------------------------------------------------------------------------------------------------------ tensorboard
+
+
+def tensorboard_events(out: Path) -> list:
+    """Every event of out/tensorboard, file by file in name (= time) order, each record's length and data checked
+    against their CRCs (tensorboardX's masked crc32c: a TFRecord the writer did not frame fails here)."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    events = []
+    for path in sorted((out / "tensorboard").glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (n,), (crc,) = struct.unpack_from("<Q", data, at), struct.unpack_from("<I", data, at + 8)
+            body, (body_crc,) = data[at + 12 : at + 12 + n], struct.unpack_from("<I", data, at + 12 + n)
+            assert crc == masked_crc32c(data[at : at + 8]) and body_crc == masked_crc32c(body), path
+            events.append(Event.FromString(body))
+            at += n + 16
+    return events
+
+
+def tensorboard_matches_log(out: Path) -> list[tuple[int, str, float]]:
+    """Asserts that out/tensorboard holds exactly the numbers of out/log.jsonl as scalars at their steps (float32, as
+    TensorBoard stores them; text and the step itself are not scalars); returns them as (step, tag, value)."""
+    board = [(e.step, v.tag, v.simple_value) for e in tensorboard_events(out) for v in e.summary.value]
+    logged = [(r["step"], k, float(np.float32(v))) for r in log_records(out) for k, v in r.items()
+              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]  # fmt: skip
+    assert board == logged and board
+    return board
+
+
+def test_tensorboard_holds_the_logged_numbers_and_a_resume_writes_each_step_once(images, tmp_path):
+    """train.tensorboard: every number of log.jsonl as a scalar at its step. A run killed after step 4's logs but
+    before its checkpoint resumes from step 2: the events after 2 are cut (as log.jsonl is), steps 3-6 written once,
+    in a new event file that opens with TensorBoard's restart marker (purge from step 3 on)."""
+    out = tmp_path / "run"
+    train(tiny(images, out, "train.tensorboard=true", "train.keep_last=0"))
+    board = tensorboard_matches_log(out)
+    tags = {tag for _, tag, _ in board}
+    assert {"loss", "lr", "grad_norm", "semantic/cosine", "holdout/semantic_cosine", "epoch"} <= tags
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # killed between step 4's log records and its checkpoint
+    train(tiny(images, out, "train.tensorboard=true", "train.keep_last=0", "train.steps=6"))
+    board = tensorboard_matches_log(out)
+    assert [s for s, tag, _ in board if tag == "loss"] == [2, 4, 6]
+    assert len(list((out / "tensorboard").iterdir())) == 2
+    restart = [e for e in tensorboard_events(out) if e.HasField("session_log")]
+    assert [(e.step, e.session_log.status) for e in restart] == [(1, 1), (3, 1)]  # SessionLog.START
+
+
+def test_tensorboard_without_its_package_is_a_one_line_config_error(images, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` raises ImportError
+    with pytest.raises(ConfigError, match=r"^train.tensorboard needs the tensorboardX package: `pip install "
+                                          r"tensorboardX` \(the `tensorboard` extra[^\n]*$"):  # fmt: skip
+        TokenizerTrainer(tiny(images, tmp_path, "train.tensorboard=true"))
+    assert not tmp_path.joinpath("tensorboard").exists()

@@ -32,7 +32,8 @@ from semhitok.runtime import (
 
 # Keys a resumed run may change: they steer cadence and outputs, not what is computed up to the checkpoint.
 RESUMABLE_CHANGES = ("train.out_dir", "train.precision", "train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.num_workers", "train.export_merged", "train.diagnose_every", "train.diagnose")  # fmt: skip
+                     "train.num_workers", "train.export_merged", "train.diagnose_every", "train.diagnose",
+                     "train.tensorboard")  # fmt: skip
 MODEL_PATHS = ("llm", "text_tokenizer", "semhitok")  # model.* keys naming local folders
 
 
@@ -57,7 +58,9 @@ class DiagnoseConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training stage. Batch sizes are per process; the global batch is batch_size x grad_accum x world size."""
+    """One training stage. Batch sizes are per process; the global batch is batch_size x grad_accum x world size.
+    `tensorboard: true` also writes every number of log.jsonl as a TensorBoard scalar into `out_dir/tensorboard/`
+    (rank 0; needs the tensorboardX package, the `tensorboard` extra)."""
 
     stage: Literal["pretrain", "instruct", "t2i", "joint"] = "pretrain"
     out_dir: str = ""
@@ -82,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500  # 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept; 0 = all
+    tensorboard: bool = False  # also log to out_dir/tensorboard/ (semhitok.runtime.tensorboard)
     export_merged: bool = True  # also write out_dir/export (a plain HF folder with a second copy of the LLM)
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)

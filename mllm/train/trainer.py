@@ -191,7 +191,7 @@ class MLLMTrainer(Trainer):
     def __init__(self, run: MLLMRunConfig, launch: Launch, dataset: Dataset | None = None):
         t = run.train
         cadence = Cadence(t.log_every, t.ckpt_every, t.keep_last, eval_every=t.diagnose_every, log_at_end=True)
-        super().__init__(run, launch, Path(t.out_dir), t.stage, cadence)
+        super().__init__(run, launch, Path(t.out_dir), t.stage, cadence, tensorboard=t.tensorboard)
         self.t, self.accum = t, grad_accum_of(t, launch.world_size)
         self.objective = OBJECTIVES[t.stage](t.loss)
         run = self.run = resolve_model_paths(run)

@@ -68,7 +68,7 @@ from semhitok.teachers import Teacher, build_teacher
 NUM_SAMPLES = 8  # holdout images in every sample grid / holdout evaluation
 # Keys a resumed run may change: they steer the loop's cadence, not what it computes.
 RESUMABLE_CHANGES = ("out_dir", "train.precision", "train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
-                     "train.keep_last", "train.probe", "train.data.num_workers")
+                     "train.keep_last", "train.probe", "train.data.num_workers", "train.tensorboard")
 # Model-config keys a stage takes from its own run config although its weights come from `init_from`.
 FRESH_FROM_RUN = MappingProxyType({
     "2": ("pixel", "quantizer", "loss", "teacher.path", "semantic.init_from_teacher"),  # copies the semantic branch
@@ -139,7 +139,9 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training stage. Frequencies are in optimizer steps; 0 turns sampling off and checkpoints to end only."""
+    """One training stage. Frequencies are in optimizer steps; 0 turns sampling off and checkpoints to end only.
+    `tensorboard: true` also writes every number of log.jsonl as a TensorBoard scalar into `out_dir/tensorboard/`
+    (rank 0; needs the tensorboardX package, the `tensorboard` extra)."""
 
     stage: str | int = "1"  # "1" | "2" | "2b" (a bare 2 from YAML or the command line is accepted)
     init_from: str = ""  # stage 2: stage 1's exported model folder; 2b: stage 2's
@@ -150,6 +152,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     sample_every: int = 1000
     keep_last: int = 2  # complete checkpoints kept; 0 = all
+    tensorboard: bool = False  # also log to out_dir/tensorboard/ (semhitok.runtime.tensorboard)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Precision = "auto"  # auto | bf16 | fp32 (semhitok.runtime.precision: auto = bf16 where native)
@@ -349,8 +352,8 @@ class TokenizerTrainer(Trainer):
     def __init__(self, run: TokenizerRunConfig, launch: Launch | None = None):
         t = run.train
         launch = launch or Launch(device=resolve_device(t.device))
-        super().__init__(run, launch, Path(run.out_dir), t.stage, Cadence(t.log_every, t.ckpt_every, t.keep_last,
-                                                                          eval_every=t.sample_every))  # fmt: skip
+        cadence = Cadence(t.log_every, t.ckpt_every, t.keep_last, eval_every=t.sample_every)
+        super().__init__(run, launch, Path(run.out_dir), t.stage, cadence, tensorboard=t.tensorboard)
         self.cfg, self.t, self.device, self.total = run.model, t, launch.device, t.steps
         self.precision = resolve_precision(t.precision, self.device)
         seed_everything(t.seed)

@@ -1,8 +1,8 @@
 """The training skeleton both trainers run (DESIGN §2): the batch stream (resumable sampler, exact resume by batches
 seen, all ranks skip an empty batch together, stop after too many), the torch runner (autocast, gradient
-accumulation, clipping, optimizer step), the rank-0 logger, and `Trainer`: the run loop with logging, periodic
-evaluation and checkpoints (save with retention + integrity, resume with config-diff refusal), and `run_training`:
-process group + run-folder lock around build -> fit -> export.
+accumulation, clipping, optimizer step), the rank-0 logger (log.jsonl, and TensorBoard when asked), and `Trainer`:
+the run loop with logging, periodic evaluation and checkpoints (save with retention + integrity, resume with
+config-diff refusal), and `run_training`: process group + run-folder lock around build -> fit -> export.
 
 A trainer supplies what differs: its model and objective (`run_step`), its log record, its checkpoint groups, its
 evaluation and its export.
@@ -34,6 +34,7 @@ from semhitok.runtime.launch import Launch, barrier, join_process_group, reduce_
 from semhitok.runtime.loop import MAX_EMPTY_BATCHES, EmptyBatches, append_jsonl, console, skipped_line, truncate_log
 from semhitok.runtime.precision import ResolvedPrecision
 from semhitok.runtime.runlock import hold_run_folder
+from semhitok.runtime.tensorboard import TENSORBOARD_DIR, TensorBoardLog, tensorboardx
 
 LOG_NAME = "log.jsonl"
 
@@ -152,12 +153,13 @@ class TorchRunner:
 
 
 class RankZeroLog:
-    """The one logger: rank 0 appends records to `log.jsonl` and shows them on the progress bar (or prints a line
-    when stderr is not a terminal); other ranks stay silent."""
+    """The one logger: rank 0 appends records to `log.jsonl` (and, given a `board` folder, to TensorBoard) and shows
+    them on the progress bar (or prints a line when stderr is not a terminal); other ranks stay silent."""
 
-    def __init__(self, path: Path, launch: Launch, total: int, start: int):
+    def __init__(self, path: Path, launch: Launch, total: int, start: int, board: Path | None = None):
         self.path, self.main = path, launch.is_main
         self.bar = tqdm(total=total, initial=start, disable=not (self.main and sys.stderr.isatty()), unit="step")
+        self.board = TensorBoardLog(board, start) if board is not None and self.main else None
 
     def info(self, text: str) -> None:
         if self.main:
@@ -167,7 +169,7 @@ class RankZeroLog:
         """`record` into log.jsonl; `postfix` on the bar, or `line` printed when there is no bar."""
         if not self.main:
             return
-        append_jsonl(self.path, record)
+        self._append(record)
         self.bar.set_postfix(**postfix)
         if self.bar.disable:
             print(line, flush=True)
@@ -175,10 +177,17 @@ class RankZeroLog:
     def write(self, record: dict[str, Any]) -> None:
         """A record without a console line (evaluation results)."""
         if self.main:
-            append_jsonl(self.path, record)
+            self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.path, record)
+        if self.board is not None:
+            self.board.write(record)
 
     def close(self) -> None:
         self.bar.close()
+        if self.board is not None:
+            self.board.close()
 
 
 @dataclass(frozen=True)
@@ -195,7 +204,8 @@ class Cadence:
 class Trainer:
     """The run loop and checkpoint manager. A subclass builds, in its `__init__` (after `super().__init__`):
     `self.stream` (a BatchStream), `self.total` (steps), the model, then calls `self.resume(*found)` if
-    `self.find_resume_point()` found one, and `self.start(line)`. It supplies the hooks below."""
+    `self.find_resume_point()` found one, and `self.start(line)`. It supplies the hooks below. `tensorboard`: the log
+    also goes to `out/tensorboard/` (`semhitok.runtime.tensorboard`; the package is checked here, on every rank)."""
 
     RESUMABLE_CHANGES: tuple[str, ...] = ()  # config keys a resumed run may change (cadence, not what is computed)
     OUT_KEY = "out_dir"  # the config key of the run folder, for messages
@@ -205,9 +215,12 @@ class Trainer:
     total: int
     log: RankZeroLog
 
-    def __init__(self, run: Any, launch: Launch, out: Path, stage: str, cadence: Cadence):
+    def __init__(self, run: Any, launch: Launch, out: Path, stage: str, cadence: Cadence, tensorboard: bool = False):
         self.run, self.launch, self.out, self.stage, self.cadence = run, launch, Path(out), stage, cadence
         self.step = self.saved_step = 0
+        self.board = self.out / TENSORBOARD_DIR if tensorboard else None
+        if tensorboard:
+            tensorboardx()  # a missing package fails before anything is built
 
     # ---------------------------------------------------------------- hooks
 
@@ -245,8 +258,9 @@ class Trainer:
         return load_resume_point(self.out, owner=self.launch.is_main)
 
     def start(self, line: str) -> None:
-        """The logger; rank 0 writes config.yaml, cuts log.jsonl back to the resumed step and prints `line`."""
-        self.log = RankZeroLog(self.out / LOG_NAME, self.launch, self.total, self.step)
+        """The logger; rank 0 writes config.yaml, cuts log.jsonl (and the TensorBoard events) back to the resumed step
+        and prints `line`."""
+        self.log = RankZeroLog(self.out / LOG_NAME, self.launch, self.total, self.step, self.board)
         if self.launch.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.run, self.out / "config.yaml")
