@@ -3,6 +3,7 @@ carry, side by side (count, colour, shape, position, POPE-style "is there a <col
 
     python eval/probe_codes.py --checkpoint DIR [--scenes 2000 --seed 7]          # synthetic domain (held-out seed)
     python eval/probe_codes.py --checkpoint DIR --data FOLDER [--per-class 40]     # image folder, one sub-folder a class
+    ... --gate student.shape=0.85 --gate semantic_codes.shape=0.80                 # exit 1 unless reached
 
 Each representation gets the same probe (a per-patch MLP, mean- and max-pooled; semhitok.attribute_probe), trained on
 the first `--train-fraction` of the images and scored on the rest. Writes OUT/probe_codes.json and prints a table of
@@ -26,8 +27,10 @@ from semhitok.model import SemHiTok
 from semhitok.runtime import (
     ImageFolderDataset,
     Parser,
+    check_gates,
     collate_skip_bad,
     fail,
+    gate,
     int_in,
     positive_int,
     resolve_device,
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--out", type=Path, default=Path("outputs/probe_codes"))
     p.add_argument("--device", default="auto")
+    p.add_argument("--gate", type=gate, action="append", default=[], metavar="REP.TASK=MIN",
+                   help="fail (exit 1) unless this accuracy reaches MIN, e.g. student.shape=0.85; repeatable")
     args = p.parse_args(argv)
     if not 0.0 < args.train_fraction < 1.0:
         p.error(f"--train-fraction must be in (0, 1), got {args.train_fraction}")
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{n} images ({cut} train / {n - cut} test); probe accuracy per task:")
     print(format_table(table))
     print(f"wrote {args.out / 'probe_codes.json'}")
+    check_gates(p.prog, table, args.gate)
 
 
 if __name__ == "__main__":

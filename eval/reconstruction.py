@@ -3,6 +3,7 @@
     python eval/reconstruction.py --checkpoint DIR --data FOLDER [--size 256 --batch-size 16 --limit N --out DIR]
     python eval/reconstruction.py --checkpoint RUN/model --holdout-of RUN   # a training run's held-out split
     python eval/reconstruction.py --checkpoint DIR --synthetic RENDER [--limit 500]  # + the exact detector's reading
+    ... --gate detector.shape=0.9 --gate detector.count=0.95                          # exit 1 unless reached
 
 `--synthetic` takes a folder written by `scripts/render_synthetic.py` (scenes.jsonl + images): besides the metrics it
 reports what the synthetic domain's exact detector reads from the reconstructions (count, shape, colour, position
@@ -29,7 +30,9 @@ from semhitok.runtime import (
     ConfigError,
     ImageFolderDataset,
     Parser,
+    check_gates,
     collate_skip_bad,
+    gate,
     load_image,
     positive_int,
     read_jsonl,
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception forward passes)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--gate", type=gate, action="append", default=[], metavar="KEY=MIN",
+                   help="fail (exit 1) unless this result reaches MIN, e.g. detector.shape=0.9 or psnr=24; repeatable")
     args = p.parse_args(argv)
     try:
         model, loader, features = load(args)
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in results.get("detector", {}).items():
         print(f"{'detector/' + k:<20} {v:.4f}")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'reconstructions.png'}")
+    check_gates(p.prog, results, args.gate)
 
 
 if __name__ == "__main__":

@@ -328,6 +328,17 @@ def test_reconstruction_on_a_synthetic_render_reports_the_exact_detector(tmp_pat
     results = json.loads((out / "results.json").read_text())
     assert results["num_images"] == 4 and set(results["detector"]) == {"count", "shape", "color", "position"}
     assert "detector/shape" in capsys.readouterr().out
+    args = ["--checkpoint", REPO / "mllm" / "demo" / "tokenizer", "--synthetic", render, "--out", out, "--no-fid",
+            "--limit", "4"]  # fmt: skip
+    script.main([str(a) for a in [*args, "--gate", "detector.color=0.0"]])  # reached: exit 0
+    assert "gates met: detector.color >= 0" in capsys.readouterr().out
+    for gates, code, message in ((["detector.color=1.01", "num_images=2"], 1, "gate not met: detector.color "),
+                                 (["detector.nope=0.5"], 2, "--gate detector.nope: no such result"),
+                                 (["shape"], 2, "expected KEY=MIN")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([str(a) for a in args] + [x for g in gates for x in ("--gate", g)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == code and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_reconstruction_of_a_runs_holdout_split(tmp_path, checkpoint, capsys):

@@ -8,8 +8,16 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 
 [ -f runs/demo/data/train/llava.json ] || $PY scripts/render_synthetic.py --out runs/demo/data/train --num 10000 --size 64 --seed 0
+[ -f runs/demo/data/heldout/probe.jsonl ] || $PY scripts/render_synthetic.py --out runs/demo/data/heldout --num 1000 --size 64 --seed 1
 $PY scripts/train_tokenizer.py --config configs/demo/tokenizer-stage1.yaml
+# stage-1 gate: shape read from the student >= 0.85 and from the semantic codes >= 0.80 (docs/tokenizer.md)
+$PY eval/probe_codes.py --checkpoint runs/demo/tokenizer-stage1/model --scenes 5000 --epochs 30 --out runs/demo/probe-stage1 \
+    --gate student.shape=0.85 --gate semantic_codes.shape=0.80
 $PY scripts/train_tokenizer.py --config configs/demo/tokenizer-stage2.yaml
+# stage-2 gate: the exact detector on reconstructions, count / colour / position >= 0.95, shape >= 0.90
+$PY eval/reconstruction.py --checkpoint runs/demo/tokenizer-stage2/model --synthetic runs/demo/data/heldout --no-fid \
+    --out runs/demo/reconstruction-stage2 --gate detector.count=0.95 --gate detector.color=0.95 \
+    --gate detector.position=0.95 --gate detector.shape=0.90
 $PY scripts/extract_codes.py --tokenizer runs/demo/tokenizer-stage2/model --images runs/demo/data/train/scenes.jsonl \
     --out runs/demo/codes --size 64 --workers 1
 $PY scripts/train_mllm.py --config configs/demo/mllm.yaml

@@ -29,7 +29,7 @@ from semhitok.runtime.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from semhitok.runtime.cli import Parser, fail, int_in, positive_int
+from semhitok.runtime.cli import Parser, check_gates, fail, gate, int_in, positive_int
 from semhitok.runtime.configio import (
     ConfigError,
     apply_overrides,
@@ -117,7 +117,9 @@ __all__ = [
     "unflatten_state",
     # cli
     "Parser",
+    "check_gates",
     "fail",
+    "gate",
     "int_in",
     "positive_int",
     # configio
