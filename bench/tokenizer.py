@@ -1,11 +1,16 @@
 """Tokenizer benchmarks, measured side by side in one run (never asserted in tests).
 
-    python bench/tokenizer.py [--batch-size 2 --iters 2 --lookup-batch 8 --lookup-iters 3 --device cpu --threads N
-                              --json PATH]
+    python bench/tokenizer.py [--batch-size 2 --iters 2 --precisions fp32,bf16 --lookup-batch 8 --lookup-iters 3
+                              --device cpu --threads N --json PATH]
 
-(a) encode / decode throughput (images/s) of the "semhitok-paper-256" preset with random weights at 256 px. Its
-    teacher is SigLIP-L/16-256 via open_clip; the weights are not available here, so the same open_clip architecture
-    is built with random weights (it only seeds the student: encode/decode never run the teacher).
+(a) encode / decode throughput (images/s) at 256 px, in fp32 and in bf16 (autocast, as training and `precision:
+    bf16` run it), of
+    - the "semhitok-paper-256" preset with random weights. Its teacher is SigLIP-L/16-256 via open_clip; the weights
+      are not available here, so the same open_clip architecture is built with random weights (it only seeds the
+      student: encode/decode never run the teacher);
+    - LlamaGen's VQ-16 tokenizer shape with random weights, built from the same library's VQGAN CNN modules (encoder
+      and decoder ch 128, ch_mult 1,1,2,2,4, 2 res blocks, z 256; 16384 l2-normalised codes of dim 8; 16x16 tokens):
+      the tokenizer LlamaGen's GPT models generate for. Ratio = SemHiTok's images/s over LlamaGen's.
 (b) the stage-2 code search, hierarchical vs flat over the same K*m vocabulary, with the library's quantizer classes
     in eval mode on the same latents (a batch of 16x16 grids):
     - "texture": `SubCodebookQuantizer` (given the semantic indices, nearest of the m codes of row i) vs
@@ -18,17 +23,20 @@ threads than free cores every small op waits for a time slice and the millisecon
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from timing import best_seconds
+from torch import Tensor, nn
 
 from semhitok.config import PRESETS, TeacherConfig
 from semhitok.model import SemHiTok
+from semhitok.modules import Decoder, Encoder
 from semhitok.quantizers import EMAQuantizer, FlatQuantizer, HierarchicalQuantizer, SubCodebookQuantizer
+from semhitok.runtime import resolve_precision
 from semhitok.teachers import OpenCLIPTeacher, Teacher
 
 PRESET = "semhitok-paper-256"
@@ -43,34 +51,56 @@ class RandomOpenCLIPTeacher(OpenCLIPTeacher):
         self._freeze()
 
 
-def best_seconds(fns: dict[str, Callable[[], object]], iters: int, device: torch.device,
-                 warmup: int = 1) -> dict[str, float]:
-    """Fastest wall time per call of each `fn()` over `iters` calls (other processes only ever add time), calls
-    interleaved round-robin so that load from them hits every candidate alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + iters):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+class LlamaGenVQ16(nn.Module):
+    """LlamaGen's VQ-16 tokenizer shape, random weights: encode = CNN encoder -> 1x1 conv to 8 -> cosine-nearest of
+    16384 codes, images (B, 3, 256, 256) -> codes (B, 16, 16); decode = code vectors -> 1x1 conv to 256 -> CNN decoder."""
+
+    def __init__(self, ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4), z: int = 256, codes: int = 16384,
+                 dim: int = 8):  # fmt: skip
+        super().__init__()
+        self.encoder, self.quant_conv = Encoder(ch, ch_mult, 2, z), nn.Conv2d(z, dim, 1)
+        self.codebook = nn.Parameter(F.normalize(torch.randn(codes, dim), dim=-1))
+        self.post_quant_conv, self.decoder = nn.Conv2d(dim, z, 1), Decoder(ch, ch_mult, 2, z)
+
+    def encode(self, images: Tensor) -> Tensor:
+        z = F.normalize(self.quant_conv(self.encoder(images)), dim=1)  # (B, dim, h, w)
+        return torch.einsum("bdhw,kd->bhwk", z, self.codebook).argmax(-1)  # (B, h, w)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.decoder(self.post_quant_conv(self.codebook[codes].permute(0, 3, 1, 2)))
 
 
-def bench_codec(batch: int, iters: int, device: torch.device) -> dict[str, float]:
-    """Images/s of encode and decode of the paper preset (random weights), batch of 256 px images."""
+def bench_codec(batch: int, precisions: list[str], iters: int, device: torch.device) -> dict[str, float]:
+    """Images/s of encode and decode of the paper preset and of LlamaGen's VQ-16 (random weights) per precision,
+    on a batch of 256 px images, all calls interleaved."""
     cfg = PRESETS[PRESET]
     torch.manual_seed(0)
-    model = SemHiTok(cfg, teacher=RandomOpenCLIPTeacher(cfg.teacher, cfg.grid)).to(device).eval()
+    models = {"semhitok": SemHiTok(cfg, teacher=RandomOpenCLIPTeacher(cfg.teacher, cfg.grid)), "llamagen": LlamaGenVQ16()}
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    grid = model.encode(images)
-    sec = best_seconds({"encode": lambda: model.encode(images), "decode": lambda: model.decode(grid)}, iters, device)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"batch": batch, "params_M": params, **{f"{k}_img_per_s": batch / v for k, v in sec.items()}}
+    fns = {}
+    for name, model in models.items():
+        model.to(device).eval()
+        for precision in precisions:
+            autocast = resolve_precision(precision, device).autocast(device)
+            with torch.inference_mode(), autocast:
+                codes = model.encode(images)
+            fns[name, precision, "encode"] = timed_call(autocast, model.encode, images)
+            fns[name, precision, "decode"] = timed_call(autocast, model.decode, codes)
+    with torch.inference_mode():
+        sec = best_seconds(fns, iters, device)
+    out = {f"{name}_{precision}_{op}_img_per_s": batch / t for (name, precision, op), t in sec.items()}
+    params = {f"{name}_params_M": sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
+    return {"batch": batch, **params, **out}
+
+
+def timed_call(autocast, fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], Tensor]:
+    """fn(x) under `autocast` (a precision's context), as a call for `best_seconds`."""
+
+    def call() -> Tensor:
+        with autocast:
+            return fn(x)
+
+    return call
 
 
 def bench_lookup(K: int, m: int, d_sem: int, d_pix: int, L: int, batch: int, iters: int,
@@ -101,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=2, help="images per encode/decode call")
     p.add_argument("--iters", type=int, default=2, help="timed encode/decode calls (after one warm-up)")
+    p.add_argument("--precisions", default="fp32,bf16", help="encode/decode precisions (bf16: autocast)")
     p.add_argument("--lookup-batch", type=int, default=8, help="16x16 grids per search call")
     p.add_argument("--lookup-iters", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -112,13 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     device, cfg = torch.device(args.device), PRESETS[PRESET]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({name})")
-    with torch.inference_mode():
-        codec = bench_codec(args.batch_size, args.iters, device)
+    codec = bench_codec(args.batch_size, args.precisions.split(","), args.iters, device)
     lookup = bench_lookup(cfg.K, cfg.m, cfg.semantic.d_sem, cfg.pixel.d_pix, cfg.grid**2, args.lookup_batch,
                           args.lookup_iters, device)
-    print(f"\n(a) {PRESET}, random weights, {codec['params_M']:.0f}M params, {cfg.image_size}px, "
-          f"batch {codec['batch']}")
-    print(f"  encode {codec['encode_img_per_s']:8.2f} img/s    decode {codec['decode_img_per_s']:8.2f} img/s")
+    print(f"\n(a) encode / decode at {cfg.image_size}px, batch {codec['batch']}, random weights: {PRESET} "
+          f"{codec['semhitok_params_M']:.0f}M params vs LlamaGen VQ-16 {codec['llamagen_params_M']:.0f}M")  # fmt: skip
+    print(f"  {'precision':<10}{'op':<8}{'SemHiTok img/s':>16}{'LlamaGen img/s':>16}{'ratio':>8}")
+    for precision in args.precisions.split(","):
+        for op in ("encode", "decode"):
+            ours, theirs = (codec[f"{n}_{precision}_{op}_img_per_s"] for n in ("semhitok", "llamagen"))
+            print(f"  {precision:<10}{op:<8}{ours:>16.2f}{theirs:>16.2f}{ours / theirs:>7.2f}x")
     print(f"\n(b) code search, K={cfg.K} m={cfg.m} d_sem={cfg.semantic.d_sem} d_pix={cfg.pixel.d_pix}, "
           f"{args.lookup_batch}x{cfg.grid}x{cfg.grid} patches")
     print(f"  {'search':<9}{'hierarchical ms':>17}{'flat ms':>11}{'flat/hier':>11}{'op ratio':>10}")

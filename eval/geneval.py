@@ -1,12 +1,14 @@
 """GenEval: generate images for GenEval prompts in its folder layout, score them, or write synthetic prompts.
 
     python eval/geneval.py generate --metadata evaluation_metadata.jsonl --out DIR [--checkpoint DIR --num-images 4
-                                    --cfg 3 --seed 0 --limit N --batch-size B]
+                                    --cfg 3 --seed 0 --limit N --max-batch B --memory-budget GIB]
     python eval/geneval.py score --images DIR [--out results.json]
     python eval/geneval.py synthetic-metadata --num 60 --seed 1 --out FILE
 
-`score` uses the synthetic domain's exact detector: synthetic-domain prompts (from `synthetic-metadata`) are scored,
-others (the official 553) are counted as not scorable. Score those with GenEval's own evaluator on the same folder:
+`generate` decodes as many prompts per call as one call's memory budget holds (default: half the device's free
+memory; `--max-batch` caps the images per call) and writes each call's folders when it returns; the images do not
+depend on the batch. `score` uses the synthetic domain's exact detector: synthetic-domain prompts (from
+`synthetic-metadata`) are scored, others (the official 553) are counted as not scorable. Score those with GenEval's own evaluator on the same folder:
 `python evaluation/evaluate_images.py DIR --outfile results.jsonl --model-path WEIGHTS` (djghosh13/geneval).
 Overall = mean of the per-tag accuracies, as GenEval's summary_scores.py computes it.
 """
@@ -15,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mllm.cli import add_sampling_args, load, one_line_errors, sampling_config
+from mllm.cli import add_batching_args, add_sampling_args, load, one_line_errors, sampling_config
 from mllm.evaluation.geneval import (
     format_summary,
     generate,
@@ -36,7 +38,7 @@ def build_parser() -> Parser:
     g.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")
     g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     g.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
-    g.add_argument("--batch-size", type=positive_int, default=1, help="prompts per sampling call")
+    add_batching_args(g)
     add_sampling_args(g, temperature=1.0)
     s = sub.add_parser("score", help="score an image folder with the synthetic detector")
     s.add_argument("--images", type=Path, required=True, help="folder written by `generate`")
@@ -51,7 +53,7 @@ def build_parser() -> Parser:
 def run_generate(args: argparse.Namespace) -> None:
     entries = load_metadata(args.metadata)[: args.limit]
     cfg = sampling_config(args, cfg_scale=args.cfg, num_images=args.num_images)
-    done = generate(load(args), entries, args.out, args.num_images, cfg, args.batch_size)
+    done = generate(load(args), entries, args.out, args.num_images, cfg)
     print(f"generated {len(done)} prompts ({len(entries) - len(done)} already complete) into {args.out}")
 
 

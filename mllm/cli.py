@@ -1,5 +1,5 @@
 """What scripts/generate.py and scripts/chat.py share: the checkpoint flag and its default, the --trust-remote-code
-opt-in, sampling flags, one-line errors, and writing images (with the check of their path)."""
+opt-in, sampling and batching flags, one-line errors, and writing images (with the check of their path)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 from transformers.utils import logging as hf_logging
 
 from mllm.sampling import Inference, InferenceError, SamplingConfig, load_for_inference
-from semhitok.runtime import PRECISIONS, AssetError, ImageLoadError, fail, resolve_device, to_pil
+from semhitok.runtime import PRECISIONS, AssetError, ImageLoadError, fail, int_in, resolve_device, to_pil
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "mllm"  # the shipped demo MLLM (docs/demo.md)
 USER_ERRORS = (InferenceError, ImageLoadError, AssetError, OSError, ValueError)  # ConfigError, VocabError: ValueError
@@ -37,6 +37,14 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> No
                         "computes bf16 natively (CUDA, avx512_bf16 CPUs), else fp32")  # fmt: skip
 
 
+def add_batching_args(parser: argparse.ArgumentParser) -> None:
+    """--max-batch, --memory-budget: how many images one decoding call holds (`mllm.sampling.images_per_call`)."""
+    parser.add_argument("--max-batch", type=int_in(0), default=0, help="images decoded per call at most (0 = as many "
+                        "as --memory-budget holds); the images are the same in any batch")  # fmt: skip
+    parser.add_argument("--memory-budget", type=float, default=0.0, metavar="GIB", help="memory one decoding call "
+                        "may take (KV cache, logits, activations); 0 = half of what the device has free")  # fmt: skip
+
+
 def add_trust_remote_code_arg(parser: argparse.ArgumentParser) -> None:
     """--trust-remote-code: the only way Python code shipped with a checkpoint runs (its own config never asks)."""
     parser.add_argument("--trust-remote-code", action="store_true", help="let transformers run Python code shipped "
@@ -53,8 +61,11 @@ def image_path(text: str) -> Path:
 
 
 def sampling_config(args: argparse.Namespace, **fields) -> SamplingConfig:
-    """SamplingConfig from the flags of `add_sampling_args` plus `fields`; ValueError names a bad value."""
-    base = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    """SamplingConfig from the flags of `add_sampling_args` (and `add_batching_args` where the parser has them) plus
+    `fields`; ValueError names a bad value."""
+    base = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          max_batch=vars(args).get("max_batch", 0),
+                          memory_budget_gib=vars(args).get("memory_budget", 0.0))  # fmt: skip
     return replace(base, **fields)
 
 

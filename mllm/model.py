@@ -42,12 +42,14 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mllm.assets import resolve_reference
 from mllm.constants import IGNORE_INDEX
+from mllm.kernels import can_pack, pack_linears
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab, VocabError
 from semhitok import SemHiTok, TokenGrid
@@ -393,6 +395,20 @@ class SemHiTokLM(nn.Module):
             part = slice(start, start + chunk)
             rows[part] = self.adapter(self.code_sem[part].to(rows.device), self.code_pix[part].to(rows.device))
 
+    @torch.no_grad()
+    def prepare_for_decoding(self, device: torch.device, dtype: torch.dtype | None = None) -> int:
+        """Inference only (`load_for_inference`): LoRA is merged into the LLM's weights in their loaded precision
+        (PEFT `merge_adapter`: one matmul per linear instead of three; the adapters stay, so the checkpoint would save
+        as before), the model moves to `device` / `dtype` in eval mode and, on a CPU, every linear layer decoding runs
+        is packed for oneDNN (`mllm.kernels`). Returns how many were packed; a packed model cannot train or be saved."""
+        if isinstance(self.llm, PeftModel):
+            self.llm.merge_adapter()
+        self.to(device, dtype=dtype).eval()
+        if not can_pack(device, self.causal_lm.get_input_embeddings().weight.dtype):
+            return 0
+        lora = [m for layer in self.modules() if isinstance(layer, LoraLayer) for m in (layer.lora_A, layer.lora_B)]
+        return pack_linears(self, skip=[m for branch in lora for m in branch.modules()])
+
     @property
     def causal_lm(self) -> nn.Module:
         """The HF causal LM (inside the PEFT wrapper when LoRA trains; LoRA layers are injected in place)."""
@@ -411,9 +427,12 @@ class SemHiTokLM(nn.Module):
         return embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
 
     def image_embeds(self, image_ids: Tensor) -> Tensor:
-        """Image ids (…) -> embeddings (…, D): the adapter on their code vectors, their own rows (`image_input:
-        embedding`), or both added."""
-        index = self.vocab.ids_to_index(image_ids)
+        """Image ids (…) -> embeddings (…, D) (`index_embeds` of their flat code indices; the ids are checked)."""
+        return self.index_embeds(self.vocab.ids_to_index(image_ids))
+
+    def index_embeds(self, index: Tensor) -> Tensor:
+        """Flat code indices (…) int64 in [0, K*m) -> embeddings (…, D): the adapter on their code vectors, their own
+        rows (`image_input: embedding`), or both added. Unchecked, so no host sync: the sampler feeds what it drew."""
         if self.image_embedding is not None and self.config.image_input == "embedding":
             return self.image_embedding(index)
         feats = self.adapter(self.code_sem[index], self.code_pix[index])

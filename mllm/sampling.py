@@ -1,7 +1,8 @@
 """Sampling from a `SemHiTokLM` (DESIGN §4 "Sampling"): text-to-image ids, and text answers about an image.
 
     generate_images(model, prompts, cfg)   prompts -> TokenGrid; `semhitok.decode(grid)` gives the pixels
-    sample_image_ids(model, rows, ...)     the same from prompt ids (what generate_images calls)
+    sample_image_ids(model, rows, ...)     the same from prompt ids, in one call (generate_images calls it)
+    images_per_call(model, ...)            how many images one call holds within the memory budget
     generate_text(model, prompt_ids, cfg)  greedy or sampled continuation, stopping at eos / end-of-turn
     generate_texts(model, prompts, cfg)    the same for a left-padded batch of prompts (generate_text = one row)
     ChatSession                            a conversation about one image, history kept
@@ -19,13 +20,21 @@ row (the empty-caption prompt) per image in the same batch, both fed the id samp
 `cond + (s - 1)(cond - uncond)` (exactly `cond` at s = 1) before temperature / top-k / top-p. Randomness: image r of
 a call (prompt-major: r = p·N + n) draws from its own `torch.Generator` seeded `seed + r`, so an image does not depend
 on the batch it is sampled in, and one seed reproduces a call exactly. Temperature 0 is greedy.
+
+Batching: `generate_images` decodes its P·N images in as few calls as memory allows (`images_per_call`: the KV cache,
+logits and activations of a row, against `SamplingConfig.memory_budget_gib` or half the memory the device has
+free, at most `max_batch` images); decoding streams every weight once per step whatever the number of rows, so more
+rows per call cost little more per step (`python bench/generate.py`). The per-image seeds make the images the same
+in any batch. The image decoding loop reads nothing back to the host until it ends (no `.item()`, no boolean
+indexing, no check of a tensor's values, HF's attention mask passed built), so a GPU never waits on the Python.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,7 +68,9 @@ class SamplingConfig:
     """How ids are drawn. temperature 0 = greedy; top_k 0 and top_p 1 = off; cfg_scale 1 = no guidance (no
     unconditional rows are run). cfg_schedule "linear" ramps the scale from 1 at the first image position to
     cfg_scale at the last. max_new_tokens bounds text answers. use_cache False recomputes the whole sequence at
-    every step (the reference the KV cache is tested against)."""
+    every step (the reference the KV cache is tested against). max_batch (images per decoding call, 0 = no cap) and
+    memory_budget_gib (what one call may take, 0 = MEMORY_FRACTION of the device's free memory) size the calls of
+    `generate_images` (`images_per_call`); they never change the images."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -70,12 +81,15 @@ class SamplingConfig:
     num_images: int = 1
     max_new_tokens: int = 256
     use_cache: bool = True
+    max_batch: int = 0
+    memory_budget_gib: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {"temperature >= 0": self.temperature >= 0, "top_k >= 0": self.top_k >= 0,
                   "0 < top_p <= 1": 0 < self.top_p <= 1, "cfg_scale >= 0": self.cfg_scale >= 0,
                   "num_images >= 1": self.num_images >= 1, "max_new_tokens >= 1": self.max_new_tokens >= 1,
-                  "cfg_schedule in (constant, linear)": self.cfg_schedule in ("constant", "linear")}  # fmt: skip
+                  "cfg_schedule in (constant, linear)": self.cfg_schedule in ("constant", "linear"),
+                  "max_batch >= 0": self.max_batch >= 0, "memory_budget_gib >= 0": self.memory_budget_gib >= 0}  # fmt: skip
         bad = [rule for rule, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"SamplingConfig needs {', '.join(bad)}: got {self}")
@@ -138,33 +152,49 @@ def make_generators(seed: int, n: int, device: torch.device) -> list[torch.Gener
 
 class DecodingRows:
     """Rows decoded together: the attention mask (0 on left pads), position ids and the KV cache.
-    With use_cache False it keeps the ids and re-runs the whole sequence at every step instead."""
+    With use_cache False it keeps the input embeddings and re-runs the whole sequence at every step instead.
+    The cache is HF's own (grown by `cat` each step): a preallocated one written in place measured the same here
+    (0.99-1.0x at 8-16 rows x 256 steps, bf16, SmolLM2 on one CPU thread), so none is added."""
 
     def __init__(self, model: SemHiTokLM, use_cache: bool = True):
         self.model, self.use_cache = model, use_cache
-        self.ids = self.mask = self.cache = None
+        self.embeds = self.mask = self.cache = None
+        config = model.causal_lm.config
+        # HF builds a one-position mask from the 2D one with a host sync (`padding_mask.all()`); for SDPA over full
+        # attention that mask is the 2D one as (R, 1, 1, T) bool (True = attend), so cached steps pass it built
+        self.built_mask = use_cache and config._attn_implementation == "sdpa" and "sliding_attention" not in (
+            getattr(config, "layer_types", None) or ())  # fmt: skip
 
     def start(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Prefill left-padded ids (R, L) with mask (R, L) -> hidden state of the last position (R, D)."""
-        self.ids, self.mask = ids[:, :0], mask[:, :0]
-        return self._forward(ids, mask)
+        self.embeds, self.mask = None, mask[:, :0]
+        return self._forward(self.model.embed(ids), mask)
 
     def step(self, ids: Tensor) -> Tensor:
         """Append one id per row (R,) -> its hidden state (R, D)."""
-        return self._forward(ids[:, None], torch.ones_like(ids[:, None]))
+        return self.step_embeds(self.model.embed(ids[:, None])[:, 0])
+
+    def step_embeds(self, embeds: Tensor) -> Tensor:
+        """Append one input embedding per row (R, D), e.g. `model.index_embeds` of drawn codes -> hidden (R, D)."""
+        return self._forward(embeds[:, None], self.mask.new_ones(len(embeds), 1))
 
     def keep(self, rows: Tensor) -> None:
-        """Keep only `rows` (R',) int64 of the batch (ids, mask, cache), e.g. the ones still decoding."""
-        self.ids, self.mask = self.ids[rows], self.mask[rows]
+        """Keep only `rows` (R',) int64 of the batch (mask, embeddings, cache), e.g. the ones still decoding."""
+        self.mask = self.mask[rows]
+        if self.embeds is not None:
+            self.embeds = self.embeds[rows]
         if self.cache is not None:
             self.cache.batch_select_indices(rows)
 
-    def _forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        self.ids, self.mask = torch.cat([self.ids, ids], 1), torch.cat([self.mask, mask], 1)  # (R, T)
+    def _forward(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        self.mask = torch.cat([self.mask, mask], 1)  # (R, T)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (R, T): 0 at each row's first real token
-        q = ids.shape[1] if self.use_cache else self.ids.shape[1]
-        out = self.model.backbone(self.model.embed(self.ids[:, -q:]), self.mask, positions[:, -q:],
-                                  past_key_values=self.cache, use_cache=self.use_cache)  # fmt: skip
+        if not self.use_cache:
+            self.embeds = embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds], 1)
+        q = embeds.shape[1]
+        attention = self.mask[:, None, None, :].bool() if self.built_mask and q == 1 else self.mask
+        out = self.model.backbone(embeds, attention, positions[:, -q:], past_key_values=self.cache,
+                                  use_cache=self.use_cache)  # fmt: skip
         self.cache = out.past_key_values if self.use_cache else None
         return out.last_hidden_state[:, -1]
 
@@ -204,6 +234,56 @@ def check_length(model: SemHiTokLM, prompt_len: int, extra: int, what: str) -> N
                              f"{limit} tokens (at most {limit - extra} prompt tokens): shorten it")  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------------- batching
+
+MEMORY_FRACTION = 0.5  # of the device's free memory one decoding call may take when memory_budget_gib is 0
+LOGIT_COPIES = 6  # fp32 (rows, classes) tensors a sampling step holds at once: logits, guided, scaled, top-p's sort
+# (values and int64 order) and the probabilities
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes still free on `device`: CUDA's free memory, or the OS's MemAvailable (free physical pages where there
+    is no /proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024  # kB
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_cache_bytes(config, length: int, dtype: torch.dtype) -> int:
+    """Bytes of one row's KV cache at `length` positions for an HF decoder config: 2 (keys, values) · layers · KV
+    heads · head_dim · length · the dtype's size."""
+    c = config.get_text_config()
+    heads = c.num_attention_heads
+    kv_heads, head_dim = getattr(c, "num_key_value_heads", None) or heads, getattr(c, "head_dim", None)
+    per_position = 2 * c.num_hidden_layers * kv_heads * (head_dim or c.hidden_size // heads)
+    return per_position * length * torch.empty((), dtype=dtype).element_size()
+
+
+def row_bytes(model: SemHiTokLM, length: int) -> int:
+    """Memory one image-decoding row takes at `length` positions: its KV cache, the image head's fp32 logits with
+    the sampler's LOGIT_COPIES (K·m classes: an upper bound for the factorized head) and the activations of a forward
+    over all `length` positions (an upper bound for the prefill, a step's are length times smaller)."""
+    config, dtype = model.causal_lm.config.get_text_config(), model.causal_lm.get_input_embeddings().weight.dtype
+    size = torch.empty((), dtype=dtype).element_size()
+    activations = length * (4 * config.hidden_size + 3 * config.intermediate_size) * size  # residual, q/k/v/out, MLP
+    return kv_cache_bytes(config, length, dtype) + LOGIT_COPIES * 4 * model.vocab.num_image_ids + activations
+
+
+def images_per_call(model: SemHiTokLM, prompt_len: int, num_tokens: int, cfg: SamplingConfig,
+                    guided: bool = True) -> int:  # fmt: skip
+    """Images one `sample_image_ids` call decodes for prompts of up to `prompt_len` ids (`<boi>` included): as many
+    as fit in cfg.memory_budget_gib (0: MEMORY_FRACTION of the device's free memory), each 2 rows with guidance
+    (`row_bytes` at prompt_len + num_tokens), at most cfg.max_batch when set, at least 1."""
+    device = model.code_sem.device
+    budget = cfg.memory_budget_gib * 2**30 or MEMORY_FRACTION * available_memory(device)
+    fit = int(budget // (row_bytes(model, prompt_len + num_tokens) * (2 if guided else 1)))
+    return max(1, min(fit, cfg.max_batch) if cfg.max_batch else fit)
+
+
 # ---------------------------------------------------------------------------------------------------- images
 
 
@@ -211,7 +291,8 @@ def sample_image_ids(model: SemHiTokLM, prompts: Sequence[Tensor], uncond: Tenso
                      cfg: SamplingConfig, progress: Progress | None = None) -> Tensor:  # fmt: skip
     """Prompt ids (P rows (L_p,) int64, each ending with the assistant prefix; `<boi>` is appended here) and the
     unconditional prompt (None: no guidance rows) -> image ids (P·N, num_tokens) int64, N = cfg.num_images, image n
-    of prompt p at row p·N + n. With `uncond`, 2·P·N rows run; at scale 1 the result equals `uncond=None`."""
+    of prompt p at row p·N + n. With `uncond`, 2·P·N rows run; at scale 1 the result equals `uncond=None`.
+    All rows are decoded in this one call (`generate_images` splits its images into calls that fit memory)."""
     images = [p for p in prompts for _ in range(cfg.num_images)]  # (P·N) cond rows, then as many uncond rows
     guided = uncond is not None
     boi = torch.tensor([model.vocab.boi_id])
@@ -227,28 +308,51 @@ def sample_image_ids(model: SemHiTokLM, prompts: Sequence[Tensor], uncond: Tenso
             scale = cfg.scale_at(t, num_tokens)
             out[:, t] = draw_image_index(model, hidden, scale, cfg, generators, guided)
             if t + 1 < num_tokens:  # `<eoi>` is forced after the last one: nothing left to predict
-                next_ids = model.vocab.index_to_ids(out[:, t])
-                hidden = rows.step(next_ids.repeat(2) if guided else next_ids)
+                embeds = model.index_embeds(out[:, t]).to(hidden.dtype)  # (P·N, D), the same for the uncond rows
+                hidden = rows.step_embeds(embeds.repeat(2, 1) if guided else embeds)
     return model.vocab.index_to_ids(out)
 
 
 def generate_images(model: SemHiTokLM, prompts: Sequence[str], cfg: SamplingConfig, *, tokenizer=None,
                     template: str = "auto", prompt_format: str = GENERATION_PROMPT, grid: int | None = None,
                     progress: Progress | None = None) -> TokenGrid:  # fmt: skip
-    """Captions (P,) -> TokenGrid (P·N, h, w) of sampled codes (row p·N + n = image n of prompt p).
+    """Captions (P,) -> TokenGrid (P·N, h, w) of sampled codes (row p·N + n = image n of prompt p), decoded in calls
+    of `images_per_call` images (the same images in any split: image r is seeded cfg.seed + r).
 
     tokenizer: the model's text tokenizer (default `model.load_text_tokenizer()`); template / prompt_format: how the
     model was trained (DataConfig.template / .prompt; "auto" = the tokenizer's chat template, else vicuna_v1; the
     system prompt is the model's `config.system_prompt`);
     grid: token grid side (default: the model's `config.image_grid`). InferenceError for an empty prompt or one
     that does not fit the context with the image."""
-    if not prompts:
-        raise InferenceError("no prompts given")
     tokenizer = tokenizer if tokenizer is not None else model.load_text_tokenizer()
-    template, (h, w) = model_template(model, template, tokenizer), (grid, grid) if grid else model.config.image_grid
-    cond = [_generation_prompt(model, p, k, tokenizer, template, prompt_format, h * w) for k, p in enumerate(prompts)]
+    h, w = (grid, grid) if grid else model.config.image_grid
+    cond, uncond = generation_prompts(model, prompts, cfg, tokenizer, template, prompt_format, h * w)
+    images = [c for c in cond for _ in range(cfg.num_images)]
+    step = images_per_call(model, prompt_length(cond, uncond), h * w, cfg, uncond is not None)
+    ids = [sample_image_ids(model, images[r : r + step], uncond, h * w, replace(cfg, seed=cfg.seed + r, num_images=1),
+                            progress) for r in range(0, len(images), step)]  # fmt: skip
+    return model.vocab.from_ids(torch.cat(ids).cpu(), h, w)
+
+
+def generation_prompts(model: SemHiTokLM, captions: Sequence[str], cfg: SamplingConfig, tokenizer,
+                       template: str = "auto", prompt_format: str = GENERATION_PROMPT,
+                       num_tokens: int | None = None) -> tuple[list[Tensor], Tensor | None]:  # fmt: skip
+    """Captions (P,) -> their prompt ids (P rows (L_p,) int64) and the unconditional prompt's (None at cfg_scale 1),
+    as `generate_images` renders them (arguments as there; num_tokens: image ids per image, default the model's
+    grid). InferenceError for no captions, an empty one, or one that does not fit the context with the image."""
+    if not captions:
+        raise InferenceError("no prompts given")
+    num_tokens = num_tokens or model.config.image_grid[0] * model.config.image_grid[1]
+    template = model_template(model, template, tokenizer)
+    cond = [_generation_prompt(model, c, k, tokenizer, template, prompt_format, num_tokens)
+            for k, c in enumerate(captions)]  # fmt: skip
     uncond = generation_prompt_ids("", tokenizer, template, prompt_format) if cfg.cfg_scale != 1.0 else None
-    return model.vocab.from_ids(sample_image_ids(model, cond, uncond, h * w, cfg, progress).cpu(), h, w)
+    return cond, uncond
+
+
+def prompt_length(cond: Sequence[Tensor], uncond: Tensor | None) -> int:
+    """Ids per decoding row before the image: the longest prompt (`generation_prompts`) + `<boi>`."""
+    return max(len(r) for r in [*cond, *([] if uncond is None else [uncond])]) + 1
 
 
 def _generation_prompt(model: SemHiTokLM, caption: str, k: int, tokenizer, template: Template, prompt_format: str,
@@ -393,7 +497,8 @@ class ChatSession:
 
 @dataclass
 class Inference:
-    """What sampling needs from a checkpoint: the model (eval mode), its text tokenizer, its SemHiTok, and the
+    """What sampling needs from a checkpoint: the model (eval mode, prepared for decoding: LoRA merged, and on a CPU
+    its linear weights packed, so it samples but cannot train or be saved), its text tokenizer, its SemHiTok, and the
     precision the model runs in (bf16: the MLLM's weights are bf16; the tokenizer stays fp32)."""
 
     model: SemHiTokLM
@@ -418,7 +523,8 @@ def load_for_inference(directory: str | Path, device: str | torch.device = "cpu"
     missing folder or a folder that is not an MLLM checkpoint (e.g. a SemHiTok tokenizer folder). Code shipped with
     the checkpoint runs only with trust_remote_code (see `SemHiTokLM.from_pretrained`). `precision` auto | bf16 | fp32
     (`semhitok.runtime.resolve_precision`): bf16 casts the MLLM's weights to bf16 (decoding streams half the bytes;
-    logits are sampled in fp32); the tokenizer stays fp32."""
+    logits are sampled in fp32); the tokenizer stays fp32. The model is prepared for decoding
+    (`SemHiTokLM.prepare_for_decoding`: LoRA merged, linear weights packed on a CPU)."""
     folder = Path(directory)
     if not folder.is_dir():
         raise InferenceError(f"checkpoint folder not found: {folder}")
@@ -429,5 +535,5 @@ def load_for_inference(directory: str | Path, device: str | torch.device = "cpu"
     model, semhitok = SemHiTokLM.from_pretrained_with_semhitok(folder, trust_remote_code=trust_remote_code)
     device = torch.device(device)
     resolved = resolve_precision(precision, device)
-    model = model.to(device, dtype=torch.bfloat16 if resolved.bf16 else None).eval()
+    model.prepare_for_decoding(device, torch.bfloat16 if resolved.bf16 else None)
     return Inference(model, model.load_text_tokenizer(), semhitok.to(device).eval(), resolved)

@@ -74,10 +74,11 @@ def questions_step(run: Inference, folder: Path, rows: list[dict], n: int, seed:
     return answered
 
 
-def geneval_step(run: Inference, out: Path, n_prompts: int, seed: int, batch_size: int) -> dict:
+def geneval_step(run: Inference, out: Path, n_prompts: int, seed: int) -> dict:
+    """The synthetic GenEval, as many prompts per decoding call as half the free memory holds (`prompts_per_call`)."""
     entries = synthetic_metadata(n_prompts, seed)
     write_metadata(out / "geneval" / "metadata.jsonl", entries)
-    generate(run, entries, out / "geneval", 1, GENERATION, batch=batch_size)
+    generate(run, entries, out / "geneval", 1, GENERATION)
     scored = score_folder(out / "geneval")
     (out / "geneval" / "results.json").write_text(json.dumps(scored, indent=1) + "\n")
     return scored["summary"]
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout", type=positive_int, default=40, help="held-out scenes for POPE, MME and PSNR")
     p.add_argument("--questions", type=positive_int, default=3, help="images to ask questions about")
     p.add_argument("--seed", type=int, default=1234, help="held-out seed (training used 0)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="questions / prompts decoded together")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="POPE / MME questions decoded together "
+                   "(image generation batches by memory)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
@@ -181,7 +183,7 @@ def run_steps(args, prog: str, report: dict, start: float) -> None:
             print(f"    {Path(qa['image']).name}: {qa['question']} -> {qa['answer']} | {qa['truth']}")
 
         t = time.perf_counter()
-        report["geneval"] = geneval_step(run, args.out, args.geneval_prompts, args.seed, args.batch_size)
+        report["geneval"] = geneval_step(run, args.out, args.geneval_prompts, args.seed)
         banner(4, f"synthetic GenEval, {args.geneval_prompts} held-out prompts x 1 image, exact detector "
                   f"({time.perf_counter() - t:.0f}s) -> {args.out / 'geneval'}")  # fmt: skip
         print("    " + format_summary(report["geneval"]).replace("\n", "\n    "))

@@ -2,13 +2,14 @@
 
     python scripts/generate.py --prompt "a red circle" [--prompt "two blue squares" ...] [--checkpoint DIR]
         [--num-images N] [--cfg S] [--cfg-schedule constant|linear] [--temperature T] [--top-k K] [--top-p P]
-        [--seed X] [--out FILE.png] [--trust-remote-code]
+        [--seed X] [--out FILE.png] [--max-batch B] [--memory-budget GIB] [--trust-remote-code]
 
 Writes a grid PNG at --out (one row per prompt, --num-images per row) and each image beside it as
-<stem>-<prompt>-<image>.png, and prints their paths. Image n of prompt p uses seed X + p*N + n, so any single image
-can be re-made alone. Bad input (empty or over-long prompt, an --out that is not a .png/.jpg path, missing or non-MLLM
-checkpoint) prints one line on stderr and exits with status 2; --out is checked before anything loads. Code shipped
-with a checkpoint runs only with --trust-remote-code.
+<stem>-<prompt>-<image>.png, and prints their paths. All images are decoded together, in as few calls as the memory
+budget allows; image n of prompt p uses seed X + p*N + n whatever the batch, so any single image can be re-made
+alone. Bad input (empty or over-long prompt, an --out that is not a .png/.jpg path, missing or non-MLLM checkpoint)
+prints one line on stderr and exits with status 2; --out is checked before anything loads. Code shipped with a
+checkpoint runs only with --trust-remote-code.
 """
 
 from functools import partial
@@ -16,7 +17,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mllm.cli import add_sampling_args, image_path, load, one_line_errors, sampling_config, save_images
+from mllm.cli import (
+    add_batching_args,
+    add_sampling_args,
+    image_path,
+    load,
+    one_line_errors,
+    sampling_config,
+    save_images,
+)
 from mllm.sampling import generate_images
 from semhitok.runtime import Parser, positive_int
 
@@ -29,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
     p.add_argument("--out", type=image_path, default=Path("outputs/generated.png"),
                    help="grid image (.png/.jpg); each image goes beside it as a PNG")  # fmt: skip
+    add_batching_args(p)
     add_sampling_args(p, temperature=1.0)
     args = p.parse_args(argv)
     with one_line_errors(p.prog):

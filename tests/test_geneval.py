@@ -6,12 +6,15 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import save_tiny_world
 from PIL import Image
 
+import mllm.evaluation.geneval
 from mllm.evaluation.geneval import (
     NOT_SCORABLE,
     generate,
@@ -22,6 +25,7 @@ from mllm.evaluation.geneval import (
     write_layout,
     write_metadata,
 )
+from mllm.sampling import SamplingConfig, load_for_inference
 from mllm.synthetic import GENEVAL_TAGS, Scene, render, scene_for_entry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +73,37 @@ def test_resume_skips_complete_folders(tmp_path):
     assert generate(gen, entries, tmp_path, 2, batch=2) == [2]
     assert gen.calls == [([entries[2]["prompt"]], 2, 4)]
     assert generate(gen, entries, tmp_path, 2) == []
+
+
+def test_checkpoint_prompts_per_call_follow_the_memory_budget_and_never_change_the_images(tmp_path, monkeypatch):
+    """From a checkpoint, `generate` decodes as many prompts per call as the budget holds (here all 5 by default, 2
+    under max_batch 4 with 2 images each, 1 under a tiny budget); the PNGs are byte-identical whatever the batch,
+    resumed gaps included."""
+    run = load_for_inference(save_tiny_world(tmp_path / "world") / "mllm")
+    entries, calls = synthetic_metadata(5, seed=2), []
+    real = mllm.evaluation.geneval.generate_images
+
+    def counted(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(mllm.evaluation.geneval, "generate_images", counted)
+    cfg = SamplingConfig(seed=3, top_k=10)
+    folders = {}
+    for name, budget, expected in (("auto", cfg, [5]), ("max4", replace(cfg, max_batch=4), [2, 2, 1]),
+                                   ("tiny", replace(cfg, memory_budget_gib=1e-9), [1] * 5)):  # fmt: skip
+        calls.clear()
+        assert generate(run, entries, tmp_path / name, 2, budget) == list(range(5)) and calls == expected
+        folders[name] = sorted((tmp_path / name).rglob("*.png"))
+        assert len(folders[name]) == 5 * 3  # 2 samples + grid.png per prompt
+    for name in ("max4", "tiny"):
+        assert [f.read_bytes() for f in folders[name]] == [f.read_bytes() for f in folders["auto"]]
+    for index in (1, 3):
+        (tmp_path / "auto" / f"{index:05d}" / "samples" / "0001.png").unlink()
+    calls.clear()
+    assert generate(run, entries, tmp_path / "auto", 2, cfg) == [1, 3] and calls == [1, 1]  # one call per stretch
+    assert [f.read_bytes() for f in sorted((tmp_path / "auto").rglob("*.png"))] == [
+        f.read_bytes() for f in folders["max4"]]  # fmt: skip
 
 
 def test_exact_scenes_score_one_and_backgrounds_zero(tmp_path):

@@ -113,7 +113,8 @@ def test_a_full_finetune_export_loads_for_inference(world, tmp_path, capsys):
     with torch.no_grad():
         expected = model.text_logits(model.backbone(model.embed(prompt[None])).last_hidden_state)
         got = run.model.text_logits(run.model.backbone(run.model.embed(prompt[None])).last_hidden_state)
-    assert torch.equal(got, expected) and len(run.tokenizer) <= run.model.vocab.offset
+    # load_for_inference packs the linear weights for oneDNN (mllm.kernels): fp32 products within float rounding
+    assert torch.allclose(got, expected, atol=1e-5) and len(run.tokenizer) <= run.model.vocab.offset
     args = ["--checkpoint", str(tmp_path / "out" / "model"), "--image", str(world / "red.png"), "--question", "what",
             "--max-new-tokens", "2"]  # fmt: skip
     code, out, err = run_in_process("chat", args, capsys)

@@ -6,6 +6,8 @@ import os
 import runpy
 import subprocess
 import sys
+import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -15,9 +17,12 @@ import torch
 from helpers import CONTEXT, build_tiny_mllm, save_tiny_world
 from PIL import Image
 from test_mllm_model import FAMILIES, GRID, random_grid
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mllm.cli
 from mllm.conversation import generation_prompt_ids
+from mllm.kernels import PackedLinear
+from mllm.model import FactorizedImageHead, MLLMConfig, SemHiTokLM
 from mllm.sampling import (
     ChatSession,
     DecodingRows,
@@ -26,13 +31,17 @@ from mllm.sampling import (
     filter_logits,
     generate_images,
     generate_text,
+    images_per_call,
+    kv_cache_bytes,
     left_pad,
     load_for_inference,
     model_template,
+    row_bytes,
     sample_image_ids,
 )
+from mllm.text_tokenizer import load_text_tokenizer
 from semhitok import PRESETS, SemHiTok
-from semhitok.runtime import to_tensor
+from semhitok.runtime import resolve_device, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["draw a red cat", "a big blue dog on the mat with a ball under the sky", "two fish"]
@@ -171,6 +180,110 @@ def test_factorized_head_draws_i_then_j_given_i_with_guidance_at_both_levels(mod
     sampled = images(model, temperature=1.0, num_images=4, seed=1)
     semantic, texture = model.vocab.split(sampled)
     assert semantic.max() < model.vocab.K and texture.max() < model.vocab.m and len(sampled.unique()) > NUM
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor back to the host (a GPU would wait for them): `.item()` / `bool(tensor)`
+    (`_local_scalar_dense`), `nonzero`, `masked_select` and indexing with a boolean mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masks = [a for a in (args[1] if func is torch.ops.aten.index.Tensor else []) if a is not None]
+        reads = func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                         torch.ops.aten.masked_select.default) or any(m.dtype == torch.bool for m in masks)  # fmt: skip
+        self.count[str(func)] += reads
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("head", ["flat", "factorized"])
+def test_decoding_steps_read_nothing_back_to_the_host(models, family, head):
+    """Two runs that differ only in the number of image positions read the host equally often: the per-step loop
+    (guidance, top-k / top-p, the factorized head's two draws, the next input, HF's attention mask) reads nothing."""
+    model = models[family, head]
+    cond, uncond = [prompt_ids(model, p) for p in PROMPTS[:2]], prompt_ids(model, "")
+    counts = []
+    for n in (3, 9):
+        with HostReads() as reads:
+            sample_image_ids(model, cond, uncond, n, SamplingConfig(top_k=5, top_p=0.9, seed=1))
+        counts.append(reads.count)
+    assert counts[0] == counts[1], counts
+
+
+def test_sampling_never_builds_the_joint_logits_of_the_factorized_head(models, monkeypatch):
+    """The factorized head draws i from K logits, then j from the m logits of that i: the K·m joint table
+    (`FactorizedImageHead.logits`) is never computed while sampling."""
+    model = models["qwen2", "factorized"]
+    monkeypatch.setattr(FactorizedImageHead, "logits", lambda self, hidden: pytest.fail("joint K*m logits built"))
+    assert images(model, num_images=2, seed=2).shape == (2 * len(PROMPTS), NUM)
+
+
+@pytest.mark.parametrize("head", ["flat", "factorized"])
+def test_images_are_the_same_in_any_split_into_decoding_calls(models, monkeypatch, head):
+    model, calls = models["llama", head], []
+    real = sample_image_ids
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.sampling, "sample_image_ids", counted)
+    fields = {"num_images": 2, "seed": 9, "cfg_scale": 2.0, "top_k": 20}
+    together = images(model, **fields)
+    assert calls == [2 * len(PROMPTS)]  # the tiny model: every image fits one call
+    for max_batch, sizes in ((1, [1] * 6), (4, [4, 2]), (5, [5, 1])):
+        calls.clear()
+        assert torch.equal(images(model, max_batch=max_batch, **fields), together) and calls == sizes
+    calls.clear()
+    assert torch.equal(images(model, memory_budget_gib=1e-9, **fields), together) and calls == [1] * 6
+
+
+def test_the_memory_budget_counts_kv_cache_logits_and_activations(models):
+    model = models["llama", "flat"]  # 2 layers, 2 KV heads of 8 dims, hidden 32, MLP 64, K·m = 128
+    config = model.causal_lm.config
+    assert kv_cache_bytes(config, 10, torch.float32) == 2 * 2 * 2 * 8 * 10 * 4
+    assert kv_cache_bytes(config, 10, torch.bfloat16) == 2 * 2 * 2 * 8 * 10 * 2
+    assert row_bytes(model, 10) == 2 * 2 * 2 * 8 * 10 * 4 + 6 * 4 * 128 + 10 * (4 * 32 + 3 * 64) * 4
+    three = 3 * 2 * row_bytes(model, 40 + NUM) / 2**30  # 3 guided images of a 40-id prompt
+    assert images_per_call(model, 40, NUM, SamplingConfig(memory_budget_gib=three)) == 3
+    assert images_per_call(model, 40, NUM, SamplingConfig(memory_budget_gib=three), guided=False) == 6
+    assert images_per_call(model, 40, NUM, SamplingConfig(memory_budget_gib=three, max_batch=2)) == 2
+    assert images_per_call(model, 40, NUM, SamplingConfig(memory_budget_gib=three / 10)) == 1  # always at least 1
+    assert images_per_call(model, 40, NUM, SamplingConfig()) > 1000  # half of this machine's free memory
+    with pytest.raises(ValueError, match="max_batch >= 0, memory_budget_gib >= 0"):
+        SamplingConfig(max_batch=-1, memory_budget_gib=-1.0)
+
+
+def test_decoding_preparation_merges_lora_and_packs_linears_without_changing_the_model(world):
+    """`prepare_for_decoding`: LoRA folded into the weights (its adapters kept but unused), every other linear layer
+    packed for oneDNN on this CPU; hidden states and both heads' logits unchanged (fp32: within 1e-5)."""
+    torch.manual_seed(0)
+    config = MLLMConfig(llm=str(world / "llama"), semhitok=str(world / "semhitok"), adapter_width_sem=16,
+                        adapter_width_pix=8, head="factorized", train_llm="lora")  # fmt: skip
+    model = SemHiTokLM.from_config(config, load_text_tokenizer(world / "llama")).eval()
+    with torch.no_grad():
+        for name, weight in model.llm.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.1)  # PEFT starts B at 0: make the LoRA change the model
+    seq = torch.cat([prompt_ids(model, PROMPTS[0]), torch.tensor([model.vocab.boi_id])])[None]
+
+    def outputs():
+        with torch.no_grad():
+            hidden = model.backbone(model.embed(seq)).last_hidden_state[0]
+            return hidden, model.text_logits(hidden), model.head.semantic_logits(hidden)
+
+    before = outputs()
+    packed = model.prepare_for_decoding(torch.device("cpu"))
+    assert packed == 2 * 7 + 1 + 5 + 3  # layers x (q, k, v, o, gate, up, down), lm_head, adapter, head
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == packed
+    assert all(".lora_" in name for name, m in model.named_modules() if type(m) is torch.nn.Linear)  # A, B unused
+    for a, b in zip(before, outputs(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(RuntimeError, match="packed for CPU inference"):
+        model.state_dict()
 
 
 def test_filtering_keeps_top_k_and_the_top_p_nucleus():
@@ -362,3 +475,39 @@ def test_bf16_agrees_with_fp32_on_the_shipped_demo_model():
         answers[p] = [session.ask(q) for q in ("How many objects are there?", "Is there a red object?",
                                               "What color is the circle?", "Is there a blue square?")]  # fmt: skip
     assert sum(a == b for a, b in zip(answers["fp32"], answers["bf16"], strict=True)) >= 3, answers
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_on_cuda_device_auto_picks_the_gpu_and_decoding_never_waits_for_the_host(world):
+    """`--device auto` is CUDA where there is one; there nothing is packed (cuBLAS), the KV cache equals full
+    recomputation in bf16, and CUDA's sync-debug mode reports no synchronizing call per decoding step."""
+    device = resolve_device("auto", option="--device")
+    assert device.type == "cuda"
+    run = load_for_inference(world / "mllm", device, precision="bf16")
+    model = run.model
+    assert model.code_sem.is_cuda and not any(isinstance(m, PackedLinear) for m in model.modules())
+    cached, full = (images(model, cfg_scale=3.0, seed=1, use_cache=c) for c in (True, False))
+    assert torch.equal(cached, full)
+    cond, uncond, syncs = [prompt_ids(model, p) for p in PROMPTS[:2]], prompt_ids(model, ""), []
+    for n in (3, 9):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                ids = sample_image_ids(model, cond, uncond, n, SamplingConfig(top_k=5, top_p=0.9, seed=1))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert ids.is_cuda and ids.shape == (2, 9) and syncs[0] == syncs[1], syncs
+
+
+def test_the_gpu_check_stops_with_one_line_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: scripts/gpu_check.sh would run")
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == "" and not (tmp_path / "out").exists()
+    assert result.stderr.count("\n") == 1 and "gpu_check.sh: error: no CUDA device" in result.stderr

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mllm.sampling import Inference, SamplingConfig, generate_images
+from mllm.sampling import Inference, SamplingConfig, generate_images, generation_prompts, images_per_call, prompt_length
 from mllm.synthetic import COLORS, GENEVAL_TAGS, SHAPES, sample_geneval_entries, score_geneval
 from semhitok.runtime import read_jsonl, to_pil
 
@@ -139,12 +139,17 @@ def model_generator(run: Inference, cfg: SamplingConfig, template: str = "auto")
 
 
 def generate(source: Inference | Generator, entries: Sequence[dict], out: str | Path, n_per_prompt: int,
-             cfg: SamplingConfig = DEFAULT_SAMPLING, batch: int = 1, grid: bool = True) -> list[int]:  # fmt: skip
-    """Generate `n_per_prompt` images for each entry into GenEval's layout, `batch` prompts per call. Resumable:
-    prompt folders already complete are skipped. Image k of entry i is drawn with seed cfg.seed + i·n + k whatever
-    the batch size (row r of a call is seeded seed + r). Returns the indices generated in this call."""
+             cfg: SamplingConfig = DEFAULT_SAMPLING, batch: int | None = None, grid: bool = True) -> list[int]:  # fmt: skip
+    """Generate `n_per_prompt` images for each entry into GenEval's layout, `batch` prompts per call (None: from a
+    checkpoint, as many as one decoding call holds, `prompts_per_call`; from a Generator, 1). Resumable: prompt
+    folders already complete are skipped, and each call's folders are written when it returns. Image k of entry i
+    is drawn with seed cfg.seed + i·n + k whatever the batch size (row r of a call is seeded seed + r). Returns the
+    indices generated in this call."""
     generate_fn = model_generator(source, cfg) if isinstance(source, Inference) else source
     todo = [i for i, e in enumerate(entries) if not is_complete(out, i, e, n_per_prompt)]
+    if batch is None:
+        prompts = [entries[i]["prompt"] for i in todo]
+        batch = prompts_per_call(source, prompts, n_per_prompt, cfg) if isinstance(source, Inference) and todo else 1
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         images = _generate_chunk(generate_fn, entries, chunk, n_per_prompt, cfg.seed)
@@ -153,13 +158,21 @@ def generate(source: Inference | Generator, entries: Sequence[dict], out: str | 
     return todo
 
 
+def prompts_per_call(run: Inference, prompts: Sequence[str], n: int, cfg: SamplingConfig,
+                     template: str = "auto") -> int:  # fmt: skip
+    """Prompts whose `n` images each one decoding call holds (`images_per_call` for the longest of `prompts`, within
+    cfg's memory budget and max_batch), at least 1."""
+    cond, uncond = generation_prompts(run.model, prompts, cfg, run.tokenizer, template)
+    h, w = run.model.config.image_grid
+    return max(1, images_per_call(run.model, prompt_length(cond, uncond), h * w, cfg, uncond is not None) // n)
+
+
 def _generate_chunk(generate_fn: Generator, entries: Sequence[dict], chunk: list[int], n: int, seed: int):
-    """Images for the entries at `chunk`; a chunk of non-consecutive indices is drawn one prompt at a time so that
+    """Images for the entries at `chunk`, one call per stretch of consecutive indices (resuming leaves gaps), so that
     every image keeps its own seed."""
-    if chunk == list(range(chunk[0], chunk[0] + len(chunk))):
-        images = generate_fn([entries[i]["prompt"] for i in chunk], n, seed + chunk[0] * n)
-    else:
-        images = [im for i in chunk for im in generate_fn([entries[i]["prompt"]], n, seed + i * n)]
+    starts = [k for k, i in enumerate(chunk) if k == 0 or i != chunk[k - 1] + 1]
+    runs = [chunk[a:b] for a, b in zip(starts, [*starts[1:], len(chunk)], strict=True)]
+    images = [im for r in runs for im in generate_fn([entries[i]["prompt"] for i in r], n, seed + r[0] * n)]
     if len(images) != len(chunk) * n:
         raise ValueError(f"the generator returned {len(images)} images for {len(chunk)} prompts x {n}")
     return images
