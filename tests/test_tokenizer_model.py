@@ -720,7 +720,10 @@ def test_hf_siglip_teacher_from_local_folder(tmp_path, images):
 def test_semantic_and_gan_losses():
     x = torch.randn(2, 16, 32)
     terms = semantic_loss(x, x)
-    assert set(terms) == {"cosine", "l1"} and float(terms["cosine"]) < 1e-6 and float(terms["l1"]) == 0.0
+    assert set(terms) == {"cosine", "l1", "mse"} and float(terms["cosine"]) < 1e-6
+    assert float(terms["l1"]) == float(terms["mse"]) == 0.0
+    y = x + 0.5
+    assert float(semantic_loss(y, x)["mse"]) == pytest.approx(0.25) and float(semantic_loss(y, x)["l1"]) == pytest.approx(0.5)
     real, fake = torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)
     assert float(d_loss(real, fake)["d_loss"]) == 0.0
     assert float(g_loss(fake)["g_loss"]) == 2.0
