@@ -822,6 +822,9 @@ def test_whitened_target_trains_the_decoder_on_principal_components():
     out = model.semantic_forward(images)
     assert out["semantic_recon"].shape == out["semantic_target"].shape == (8, 16, 8)
     assert any(n.startswith("target_whitener.") for n in model.state_dict())
+    from semhitok.metrics import semantic_cosine  # the reconstruction metric compares against the same target
+
+    assert semantic_cosine(model.eval(), images).shape == (8,)
     with pytest.raises(ValueError, match="target_dims 64 exceeds the teacher's 32"):
         replace(TINY, semantic=replace(TINY.semantic, target="whitened", target_dims=64))
     with pytest.raises(ValueError, match="semantic.target is raw"):

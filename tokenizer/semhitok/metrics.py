@@ -195,14 +195,14 @@ class FIDAccumulator:
 
 
 def semantic_cosine(model: nn.Module, images: Tensor, grid: TokenGrid | None = None) -> Tensor:
-    """images (B, 3, H, W) in [-1, 1] -> (B,) mean over tokens of cos(semantic decoder output, teacher features),
-    where the decoder reads the semantic part of the codes `encode` gives: the tokens the MLLM sees. For SemHiTok
+    """images (B, 3, H, W) in [-1, 1] -> (B,) mean over tokens of cos(semantic decoder output, its target: the teacher
+    features, or their whitened principal components under `semantic.target: whitened`), where the decoder reads the semantic part of the codes `encode` gives: the tokens the MLLM sees. For SemHiTok
     these are the stage-1 semantic codes; for the flat / shared baselines, the semantic half of their joint codes.
     grid: `model.encode(images)` when the caller already has it."""
     with torch.no_grad():
         emb_sem, _ = model.code_embeddings(grid if grid is not None else model.encode(images))  # (B, h, w, d_sem)
-        recon = model.semantic_decoder(emb_sem.flatten(1, 2))  # (B, L, D_teacher)
-        target = model.teacher_features(images)
+        recon = model.semantic_decoder(emb_sem.flatten(1, 2))  # (B, L, D_target)
+        target = model.semantic_target(images)
     return F.cosine_similarity(recon.float(), target.float(), dim=-1).mean(1)
 
 
