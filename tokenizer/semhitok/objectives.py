@@ -92,6 +92,11 @@ class StageObjective:
     def prepare(self) -> None:
         """Freeze / swap parts of the model before the stage's parameters are collected."""
 
+    @property
+    def fit_images(self) -> int:
+        """Training images a fresh run hands to `fit_targets` before its first step (0: none needed)."""
+        return 0
+
     def fit_targets(self, images: Tensor) -> None:
         """A fresh run's data-dependent set-up before its first step (stage 1: the target whitener)."""
 
@@ -124,10 +129,13 @@ class SemanticDistillation(StageObjective):
     def loss(self, forward: nn.Module, images: Tensor, step: int) -> dict[str, Tensor]:
         return stage1_objective(forward(images), self.cfg.semantic)[1]
 
+    @property
+    def fit_images(self) -> int:
+        return self.cfg.semantic.target_fit_images if self.model.target_whitener is not None else 0
+
     def fit_targets(self, images: Tensor) -> None:
         """A fresh run with `semantic.target: whitened` fits the target whitener on these training images first."""
-        if self.model.target_whitener is not None:
-            self.model.fit_target_whitener(images.to(self.device))
+        self.model.fit_target_whitener(images.to(self.device))
 
     def evaluate(self, x: Tensor, out_dir: Path, step: int) -> dict[str, float]:
         """The holdout's mean cosine and MSE to the target (stage 1 has no meaningful pixel decoder)."""

@@ -364,8 +364,8 @@ class TokenizerTrainer(Trainer):
         found = self.find_resume_point()
         self.raw = build_model(run, resuming=found is not None).to(self.device).train()
         self.objective = build_objective(t.stage, self.raw, self.cfg, t.optim, self.precision, self.device)
-        if found is None and t.stage == "1" and self.cfg.semantic.target == "whitened":
-            fit_on = first_images(train_set, self.cfg.semantic.target_fit_images)
+        if found is None and self.objective.fit_images:
+            fit_on = first_images(train_set, self.objective.fit_images)
             if fit_on is None:
                 raise ConfigError("semantic.target whitened: no loadable training image to fit the whitener on")
             self.objective.fit_targets(fit_on)
