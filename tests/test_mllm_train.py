@@ -401,6 +401,22 @@ def test_init_from_a_previous_stage_checks_the_vocabulary(world, python_run, tmp
         build_model(tiny_run(world, tmp_path, f"model.semhitok={k64}", f"train.init_from={pretrain / 'model'}"))
 
 
+def test_a_lora_stage_carries_its_lora_into_the_next_lora_stage(world, tmp_path):
+    first = tmp_path / "instruct"
+    train(tiny_run(world, first, "train.stage=instruct", "model.train_llm=lora", "model.lora.r=4", "train.steps=2",
+                   "train.lr=1e-2", "train.export_merged=false"))  # fmt: skip
+    saved = SemHiTokLM.from_pretrained(first / "model")
+    lora = {n: p for n, p in saved.llm.named_parameters() if "lora_B" in n}
+    assert any(p.abs().sum() > 0 for p in lora.values())  # B starts at zero: it trained
+    nxt = build_model(tiny_run(world, tmp_path, "train.stage=t2i", "model.train_llm=lora", "model.lora.r=4",
+                               "model.lora.dropout=0.0", f"train.init_from={first / 'model'}"))  # fmt: skip
+    carried = dict(nxt.llm.named_parameters())
+    assert all(torch.equal(carried[n], p) for n, p in lora.items())
+    assert torch.equal(nxt.adapter.proj.weight, saved.adapter.proj.weight)
+    for other in ("model.lora.r=8", "model.train_llm=full"):
+        with pytest.raises(ConfigError, match="holds LoRA weights .*r=4"):
+            build_model(tiny_run(world, tmp_path, "train.stage=t2i", other, f"train.init_from={first / 'model'}"))
+
 def test_script_config_error_is_one_line_and_exit_2(world, tmp_path):
     result = run_script("python", ["--config", str(TINY_YAML), *paths(world, tmp_path), "train.lrr=1"])
     assert result.returncode == 2, result.stderr

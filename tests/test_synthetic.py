@@ -40,6 +40,7 @@ from mllm.synthetic import (
     scene_for_entry,
     score_geneval,
 )
+from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.detector import foreground_mask, rgb_to_lab
 from mllm.synthetic.questions import negative_category
 from mllm.synthetic.render import render_background
@@ -365,3 +366,17 @@ def test_render_synthetic_script_writes_a_dataset(tmp_path):
 
     bad = subprocess.run([sys.executable, script, "--out", tmp_path, "--num", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--num" in bad.stderr
+
+
+def test_several_conversations_per_image_keep_the_first_and_every_other_file(tmp_path):
+    one = write_dataset(tmp_path / "one", 6, size=32, seed=4)
+    three = write_dataset(tmp_path / "three", 6, size=32, seed=4, conversations=3)
+    first, more = json.loads((one / "llava.json").read_text()), json.loads((three / "llava.json").read_text())
+    assert more[:6] == first and len(more) == 18
+    assert [r["id"] for r in more[6:12]] == [f"{r['id']}-1" for r in first]
+    assert [r["image"] for r in more[12:]] == [r["image"] for r in first]
+    assert more[6:12] != first  # independent draws, not copies
+    for name in ["scenes.jsonl", "pope_random.jsonl", "mme.jsonl", "probe.jsonl"]:
+        assert (one / name).read_text() == (three / name).read_text()
+    with pytest.raises(ValueError, match="conversations"):
+        write_dataset(tmp_path / "none", 2, size=32, conversations=0)

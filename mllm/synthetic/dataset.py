@@ -4,7 +4,7 @@ Layout (image paths inside every file are relative to the folder):
   images/<id>.png, scenes.jsonl (scene, captions, the GenEval entry it was built for or null; that entry's prompt is also the
   scene's last caption, so text-to-image training sees GenEval's own phrasing),
   geneval_metadata.jsonl, pope_{random,popular,adversarial}.jsonl, mme.jsonl, llava.json (1-4 independent, balanced
-  questions per image: `questions.sample_questions`), probe.jsonl (attribute
+  questions per record, `conversations` records per image: `questions.sample_questions`), probe.jsonl (attribute
   targets per image for the tokenizer's code probes: semhitok.attribute_probe.ProbeSet).
 Even ids are free random scenes; odd ids are built from GenEval-style entries (the six tags in turn).
 """
@@ -43,8 +43,12 @@ def sample_dataset_scenes(num: int, rng: np.random.Generator) -> tuple[list[Scen
     return scenes, built, entries
 
 
-def write_dataset(out: Path, num: int, size: int = 256, seed: int = 0) -> Path:
-    """Render `num` scenes at `size` px with seed `seed` into `out` (created). Deterministic. Returns `out`."""
+def write_dataset(out: Path, num: int, size: int = 256, seed: int = 0, conversations: int = 1) -> Path:
+    """Render `num` scenes at `size` px with seed `seed` into `out` (created). Deterministic. Returns `out`.
+    `conversations`: independent LLaVA records per image in llava.json (ids "<id>" then "<id>-1", "<id>-2", ...); the
+    first record of every image, and every other file, are the same whatever the number."""
+    if conversations < 1:
+        raise ValueError(f"conversations must be >= 1, got {conversations}")
     out = Path(out)
     rng = np.random.default_rng(seed)
     scenes, built, entries = sample_dataset_scenes(num, rng)
@@ -67,7 +71,8 @@ def write_dataset(out: Path, num: int, size: int = 256, seed: int = 0) -> Path:
     pairs = zip(scenes, images, strict=True)
     write_jsonl(out / "mme.jsonl", [q for s, im in pairs for q in mme_questions(s, im, rng)])
     stats = CategoryStats.of(scenes)
-    llava = [llava_conversation(s, i, im, rng, stats=stats) for s, i, im in zip(scenes, ids, images, strict=True)]
+    llava = [llava_conversation(s, i + (f"-{k}" if k else ""), im, rng, stats=stats)
+             for k in range(conversations) for s, i, im in zip(scenes, ids, images, strict=True)]  # fmt: skip
     (out / "llava.json").write_text(json.dumps(llava, indent=1))
     targets = probe_targets(scenes)
     write_jsonl(out / "probe.jsonl", [{"image": im, "targets": {t: v[k].tolist() for t, v in targets.items()}}

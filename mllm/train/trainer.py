@@ -20,7 +20,7 @@ from mllm.assets import resolve_reference
 from mllm.constants import IGNORE_INDEX
 from mllm.data.mixture import build_dataset, collate_lm
 from mllm.diagnostics import DiagnosticSet, build_diagnostic_set
-from mllm.model import CONFIG_NAME, PARTS_NAME, VOCAB_NAME, MLLMConfig, SemHiTokLM, read_config
+from mllm.model import CONFIG_NAME, LORA_DIR, PARTS_NAME, VOCAB_NAME, LoraSettings, MLLMConfig, SemHiTokLM, read_config
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.train.config import (
     RESUMABLE_CHANGES,
@@ -87,10 +87,11 @@ def build_model(run: MLLMRunConfig) -> SemHiTokLM:
 
 def load_init(model: SemHiTokLM, folder: Path) -> None:
     """Copy adapter, head, special rows (and image rows) from a previous stage's `save_pretrained` / `export_merged`
-    folder; a model with image rows (`image_input: embedding | both`) from a stage without them starts them from the
-    loaded adapter (`init_image_embedding`).
-    Its vocabulary must equal this model's, and its LLM must be the one `model.llm` names (a LoRA or fully trained
-    LLM is carried on by pointing `model.llm` at that stage's `export/` or `model/llm/`)."""
+    folder, and its LoRA when both stages train the same LoRA (r, alpha, targets) on the same LLM, so a staged recipe
+    ships one small LoRA instead of a merged LLM. A model with image rows (`image_input: embedding | both`) from a
+    stage without them starts them from the loaded adapter (`init_image_embedding`).
+    Its vocabulary must equal this model's, and its LLM must be the one `model.llm` names (a fully trained LLM, or a
+    LoRA that does not carry on, is handed over by pointing `model.llm` at that stage's `export/` or `model/llm/`)."""
     try:
         saved, vocab = read_config(folder / CONFIG_NAME), VisualVocab.load(folder / VOCAB_NAME)
         state = load_file(str(folder / PARTS_NAME))
@@ -100,9 +101,12 @@ def load_init(model: SemHiTokLM, folder: Path) -> None:
         raise ConfigError(f"train.init_from {folder}: its vocab.json (K*m = {vocab.K}*{vocab.m}, offset {vocab.offset}) "
                           f"differs from this model's (K*m = {model.vocab.K}*{model.vocab.m}, offset "
                           f"{model.vocab.offset}): another tokenizer or text vocabulary")  # fmt: skip
-    if saved.train_llm == "lora":
-        raise ConfigError(f"train.init_from {folder} holds LoRA weights: start from its stage's export/ folder and set "
-                          "model.llm to it too")  # fmt: skip
+    lora = saved.train_llm == "lora"
+    if lora and (model.config.train_llm != "lora" or _lora_shape(saved.lora) != _lora_shape(model.config.lora)):
+        raise ConfigError(f"train.init_from {folder} holds LoRA weights (r={saved.lora.r}, alpha={saved.lora.alpha}, "
+                          f"targets {saved.lora.target_modules}): continue them with model.train_llm=lora and the same "
+                          "model.lora r / alpha / target_modules, or start from its stage's export/ folder and set "
+                          "model.llm to it")  # fmt: skip
     llm = Path(resolve_reference(saved.llm, folder))
     if llm != Path(model.config.llm).resolve():
         raise ConfigError(f"train.init_from {folder} was trained on the LLM {llm}, but model.llm is "
@@ -116,6 +120,17 @@ def load_init(model: SemHiTokLM, folder: Path) -> None:
         raise ConfigError(f"train.init_from {folder}: its parts do not fit model: {' '.join(str(err).split())}") from None
     if fresh_rows:
         model.init_image_embedding()
+    if lora:
+        try:
+            model._load_lora(folder / LORA_DIR)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"train.init_from: {err}") from None
+
+
+def _lora_shape(lora: LoraSettings) -> tuple:
+    """What must match for a LoRA to carry on into the next stage (dropout may change)."""
+    targets = lora.target_modules
+    return lora.r, lora.alpha, targets if isinstance(targets, str) else tuple(targets)
 
 
 def build_data(run: MLLMRunConfig, tokenizer, vocab: VisualVocab) -> Dataset:
