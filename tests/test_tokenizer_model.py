@@ -668,6 +668,13 @@ def test_inception_perceptual_loss_is_differentiable(inception_file):
     loss.backward()
     assert loss > 0 and recon.grad.abs().sum() > 0
     assert float(loss_fn(target, target)) < 1e-6
+    small = build_perceptual_loss(replace(TINY.loss, perceptual="inception", perceptual_image_size=96,
+                                          perceptual_layers=("conv_4", "mixed_2")), inception=teacher)  # fmt: skip
+    seen = {}
+    teacher.preprocess = lambda x, size=None, f=teacher.preprocess: seen.setdefault("size", size) and f(x, size)
+    assert float(small(recon, target)) > 0 and seen["size"] == 96
+    with pytest.raises(ConfigError, match="perceptual_image_size must be >= 75"):
+        build_perceptual_loss(replace(TINY.loss, perceptual="inception", perceptual_image_size=64), inception=teacher)
 
 
 def test_open_clip_teacher_from_local_safetensors(tmp_path, images):

@@ -146,6 +146,7 @@ class LossConfig:
     perceptual_weight: float = 1.0
     perceptual: Literal["inception", "none"] = "inception"  # LPIPS weights are not available offline
     perceptual_layers: tuple[str, ...] = ("mixed_2", "mixed_5", "mixed_7", "mixed_10")
+    perceptual_image_size: int = 299  # side the images are resized to for the perceptual network (Inception: 299)
     gan_weight: float = 0.5
     disc_start: int = 20000  # generator/discriminator GAN terms are off before this step
     disc_ch: int = 64
@@ -216,6 +217,7 @@ ADDED_KEYS: Mapping[tuple[str, str], Any] = types.MappingProxyType({
     ("semantic", "target"): "raw",
     ("semantic", "target_dims"): SemanticConfig.target_dims,
     ("semantic", "target_fit_images"): SemanticConfig.target_fit_images,
+    ("loss", "perceptual_image_size"): 299,
 })  # fmt: skip
 
 

@@ -42,14 +42,16 @@ class PerceptualLoss(Protocol):
 class InceptionPerceptualLoss(nn.Module):
     """LPIPS-style distance on the frozen Inception-v3's activations (see the module docstring)."""
 
-    def __init__(self, network: InceptionTeacher, layers: tuple[str, ...] = ("mixed_2", "mixed_5", "mixed_7", "mixed_10")):
+    def __init__(self, network: InceptionTeacher, layers: tuple[str, ...] = ("mixed_2", "mixed_5", "mixed_7", "mixed_10"),
+                 image_size: int = INCEPTION_INPUT):  # fmt: skip
         super().__init__()
-        self.network, self.layers = network, tuple(layers)
+        self.network, self.layers, self.image_size = network, tuple(layers), image_size
 
     def forward(self, recon: Tensor, target: Tensor) -> Tensor:
+        """The network runs only up to the deepest named layer, on images resized to `image_size`."""
         with torch.no_grad():
-            want = self.network.feature_maps(target, self.layers)
-        got = self.network.feature_maps(recon, self.layers)
+            want = self.network.feature_maps(target, self.layers, self.image_size)
+        got = self.network.feature_maps(recon, self.layers, self.image_size)
         return sum(_normalized_distance(got[k], want[k]) for k in self.layers) / len(self.layers)
 
 
@@ -68,7 +70,9 @@ def build_perceptual_loss(cfg: LossConfig, inception: InceptionTeacher | None = 
     if cfg.perceptual == "none":
         return None
     network = inception or InceptionTeacher(TeacherConfig(kind="inception", layer="mixed_7", dim=768, image_size=INCEPTION_INPUT), grid=1)
-    return InceptionPerceptualLoss(network, cfg.perceptual_layers)
+    if cfg.perceptual_image_size < 75:  # Inception-v3's smallest valid input
+        raise ConfigError(f"loss.perceptual_image_size must be >= 75 for Inception-v3, got {cfg.perceptual_image_size}")
+    return InceptionPerceptualLoss(network, cfg.perceptual_layers, cfg.perceptual_image_size)
 
 
 def pixel_losses(recon: Tensor, target: Tensor, perceptual: PerceptualLoss | None = None) -> dict[str, Tensor]:
