@@ -180,11 +180,16 @@ def test_stage_defaults_overrides_and_config_errors(world, tmp_path):
 def test_shipped_configs_are_valid():
     """Every configs/mllm/*.yaml (and the demo's) loads strictly; the DeepSpeed JSONs hold only ZeRO policy."""
     stages = {}
-    for path in sorted([*(REPO / "configs" / "mllm").glob("*.yaml"), REPO / "configs" / "demo" / "mllm.yaml"]):
+    demo = [REPO / "configs" / "demo" / "mllm" / f"{s}.yaml" for s in ("align", "instruct", "t2i", "joint")]
+    for path in sorted([*(REPO / "configs" / "mllm").glob("*.yaml"), REPO / "configs" / "demo" / "mllm.yaml", *demo]):
         run = load_run_config(path)
         stages[path.stem] = run.train.stage
         for stage, policy in ZERO.items():
             assert deepspeed_config(str(policy), run.train, 1, bf16=False)["zero_optimization"]["stage"] == stage
+    staged = [load_run_config(path) for path in demo]  # each stage starts from the one before, its LoRA carried on
+    assert [r.train.stage for r in staged] == list(STAGE_PARTS)
+    assert all(r.model.train_llm == "lora" and r.model.lora == staged[1].model.lora for r in staged[1:])
+    assert all(b.train.init_from == f"{a.train.out_dir}/model" for a, b in zip(staged, staged[1:], strict=False))
     for family in ("vicuna7b", "qwen2.5-7b", "smollm2"):
         assert [stages[f"{family}-{s}"] for s in STAGE_PARTS] == list(STAGE_PARTS)
     llava = {name: load_run_config(REPO / "configs" / "mllm" / f"vicuna7b-{name}.yaml").train

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 
-[ -f runs/demo/data/train/llava.json ] || $PY scripts/render_synthetic.py --out runs/demo/data/train --num 10000 --size 64 --seed 0
+[ -f runs/demo/data/train/llava.json ] || $PY scripts/render_synthetic.py --out runs/demo/data/train --num 10000 --size 64 --seed 0 --conversations 4
 [ -f runs/demo/data/heldout/probe.jsonl ] || $PY scripts/render_synthetic.py --out runs/demo/data/heldout --num 1000 --size 64 --seed 1
 $PY scripts/train_tokenizer.py --config configs/demo/tokenizer-stage1.yaml
 # stage-1 gate: shape read from the student >= 0.85 and from the semantic codes >= 0.80 (docs/tokenizer.md)
@@ -20,6 +20,11 @@ $PY eval/reconstruction.py --checkpoint runs/demo/tokenizer-stage2/model --synth
     --gate detector.position=0.95 --gate detector.shape=0.90
 $PY scripts/extract_codes.py --tokenizer runs/demo/tokenizer-stage2/model --images runs/demo/data/train/scenes.jsonl \
     --out runs/demo/codes --size 64 --workers 1
-$PY scripts/train_mllm.py --config configs/demo/mllm.yaml
+# the MLLM in stages (configs/demo/mllm/): adapter alignment, instruction tuning, text to image, joint; each stage
+# starts from the previous one's model (adapter, rows, head and the one LoRA carried on) and logs the learning
+# diagnostics (image / caption dependence on the held-out scenes) every 100 steps
+for stage in align instruct t2i joint; do
+    $PY scripts/train_mllm.py --config configs/demo/mllm/$stage.yaml
+done
 $PY scripts/package_demo.py --tokenizer runs/demo/tokenizer-stage2/model --mllm runs/demo/mllm/model --out mllm/demo
 $PY scripts/demo.py --checkpoint mllm/demo/mllm --out outputs/demo-reproduced --geneval-prompts 120 --heldout 100
