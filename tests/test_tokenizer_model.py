@@ -453,6 +453,17 @@ def test_stage2b_trains_only_the_enhance_decoder(model, images):
     assert not all(torch.equal(v, snapshot([model.pixel_decoder])[k]) for k, v in decoder.items())
 
 
+def test_an_enhance_decoder_of_the_same_shape_starts_from_stage_2s_decoder():
+    torch.manual_seed(0)
+    same = replace(TINY, pixel=replace(TINY.pixel, enhance_ch=TINY.pixel.ch, enhance_num_res_blocks=TINY.pixel.num_res_blocks))
+    for cfg, carried in ((same, True), (TINY, False)):  # TINY's enhance decoder is wider: fresh
+        model = SemHiTok(cfg)
+        before = {k: v.clone() for k, v in model.pixel_decoder.state_dict().items()}
+        model.use_enhance_decoder()
+        after = model.pixel_decoder.state_dict()
+        assert (before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)) == carried
+        assert model.config.pixel.use_enhance_decoder and all(p.requires_grad for p in model.pixel_decoder.parameters())
+
 def test_overfit_one_batch(images):
     torch.manual_seed(0)
     model = SemHiTok(TINY)

@@ -193,10 +193,16 @@ class SemHiTok(nn.Module):
         self._freeze(self.semantic_modules())
 
     def use_enhance_decoder(self) -> None:
-        """Stage 2b: replace the pixel decoder by the wider enhance decoder (fresh), freeze everything else."""
+        """Stage 2b: replace the pixel decoder by the enhance decoder, freeze everything else. A wider enhance decoder
+        starts fresh; one of the same shape as stage 2's (`enhance_ch == ch`, same res blocks) starts from stage 2's
+        weights, so 2b is then a decoder-only fine-tune on the frozen codes."""
         self.config = replace(self.config, pixel=replace(self.config.pixel, use_enhance_decoder=True))
-        old = self.pixel_decoder.conv_out.weight
-        self.pixel_decoder = build_pixel_decoder(self.config).to(device=old.device, dtype=old.dtype)
+        old = self.pixel_decoder
+        weight = old.conv_out.weight
+        self.pixel_decoder = build_pixel_decoder(self.config).to(device=weight.device, dtype=weight.dtype)
+        before, after = old.state_dict(), self.pixel_decoder.state_dict()
+        if before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before):
+            self.pixel_decoder.load_state_dict(before)
         self._freeze([m for m in self.children() if m is not self.pixel_decoder])
 
     def _freeze(self, modules: list[nn.Module]) -> None:
