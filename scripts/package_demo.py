@@ -52,12 +52,25 @@ def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
+def same_codes(trained: Path, other: Path) -> bool:
+    """`other` encodes exactly as `trained` (same config but the decoder's, every weight but the pixel decoder's
+    equal): a stage-2b model fine-tuned from it, whose images the MLLM's codes decode to."""
+    try:
+        a, b = SemHiTok.from_pretrained(trained), SemHiTok.from_pretrained(other)
+    except (FileNotFoundError, ValueError):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    keep = [k for k in sa if not k.startswith("pixel_decoder.")]
+    return keep == [k for k in sb if not k.startswith("pixel_decoder.")] and all(torch.equal(sa[k], sb[k]) for k in keep)
+
+
 def package(tokenizer: Path, mllm: Path, out: Path, llm: str = ASSET_PREFIX + SMOLLM2_DIRNAME,
             dtype: torch.dtype = torch.float16) -> dict[str, float]:  # fmt: skip
     """Write out/tokenizer and out/mllm (see the module docstring); returns their sizes in MiB."""
     config = read_config(mllm / CONFIG_NAME)
-    if Path(config.semhitok).resolve() != tokenizer.resolve():
-        raise ValueError(f"{mllm} was trained on the tokenizer {config.semhitok}, not --tokenizer {tokenizer}")
+    if Path(config.semhitok).resolve() != tokenizer.resolve() and not same_codes(Path(config.semhitok), tokenizer):
+        raise ValueError(f"{mllm} was trained on the tokenizer {config.semhitok}, not --tokenizer {tokenizer} (nor a "
+                         "stage-2b descendant of it: every weight but the pixel decoder's must be equal)")
     if Path(expand_reference(llm)).resolve() != Path(config.llm).resolve():
         raise ValueError(f"{mllm} was trained on the LLM {config.llm}, but --llm {llm} is {expand_reference(llm)}")
     if config.train_llm == "full":

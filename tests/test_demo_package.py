@@ -60,6 +60,20 @@ def test_package_refuses_a_mismatched_tokenizer_or_llm(assets, tmp_path):  # noq
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_package_accepts_a_stage_2b_tokenizer_of_the_same_codes_only(assets, tmp_path):  # noqa: F811
+    trained_lora(assets, tmp_path / "trained")
+    tokenizer = SemHiTok.from_pretrained(assets / "semhitok")
+    tokenizer.use_enhance_decoder()  # what stage 2b does: a new decoder, every other weight frozen
+    tokenizer.save_pretrained(tmp_path / "stage2b")
+    sizes = package_demo.package(tmp_path / "stage2b", tmp_path / "trained", tmp_path / "demo", llm=str(assets / "llama"))
+    assert sizes["tokenizer"] > 0 and SemHiTok.from_pretrained(tmp_path / "demo" / "tokenizer").config.pixel.use_enhance_decoder
+    with torch.no_grad():
+        tokenizer.pixel_encoder.requires_grad_(False)
+        next(tokenizer.pixel_encoder.parameters()).add_(1.0)  # other codes: refused
+    tokenizer.save_pretrained(tmp_path / "recoded")
+    with pytest.raises(ValueError, match="nor a stage-2b descendant"):
+        package_demo.package(tmp_path / "recoded", tmp_path / "trained", tmp_path / "demo2", llm=str(assets / "llama"))
+
 def test_asset_references_resolve_to_the_verified_folder_or_say_what_is_known(tmp_path):
     assert expand_reference("~/x") == str(Path.home() / "x")
     assert expand_reference("lmsys/vicuna-7b-v1.5") == "lmsys/vicuna-7b-v1.5"  # hub names pass through

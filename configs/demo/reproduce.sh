@@ -14,9 +14,11 @@ $PY scripts/train_tokenizer.py --config configs/demo/tokenizer-stage1.yaml
 $PY eval/probe_codes.py --checkpoint runs/demo/tokenizer-stage1/model --scenes 5000 --epochs 30 --out runs/demo/probe-stage1 \
     --gate student.shape=0.85 --gate semantic_codes.shape=0.80
 $PY scripts/train_tokenizer.py --config configs/demo/tokenizer-stage2.yaml
+# stage 2b: the decoder alone on the frozen stage-2 codes (the codes the MLLM learns do not change)
+$PY scripts/train_tokenizer.py --config configs/demo/tokenizer-stage2b.yaml
 # stage-2 gate: the exact detector on reconstructions, count / colour / position >= 0.95, shape >= 0.90
-$PY eval/reconstruction.py --checkpoint runs/demo/tokenizer-stage2/model --synthetic runs/demo/data/heldout --no-fid \
-    --out runs/demo/reconstruction-stage2 --gate detector.count=0.95 --gate detector.color=0.95 \
+$PY eval/reconstruction.py --checkpoint runs/demo/tokenizer-stage2b/model --synthetic runs/demo/data/heldout --no-fid \
+    --out runs/demo/reconstruction-stage2b --gate detector.count=0.95 --gate detector.color=0.95 \
     --gate detector.position=0.95 --gate detector.shape=0.90
 $PY scripts/extract_codes.py --tokenizer runs/demo/tokenizer-stage2/model --images runs/demo/data/train/scenes.jsonl \
     --out runs/demo/codes --size 64 --workers 1
@@ -26,5 +28,5 @@ $PY scripts/extract_codes.py --tokenizer runs/demo/tokenizer-stage2/model --imag
 for stage in align instruct t2i joint; do
     $PY scripts/train_mllm.py --config configs/demo/mllm/$stage.yaml
 done
-$PY scripts/package_demo.py --tokenizer runs/demo/tokenizer-stage2/model --mllm runs/demo/mllm/model --out mllm/demo
+$PY scripts/package_demo.py --tokenizer runs/demo/tokenizer-stage2b/model --mllm runs/demo/mllm/model --out mllm/demo
 $PY scripts/demo.py --checkpoint mllm/demo/mllm --out outputs/demo-reproduced --geneval-prompts 120 --heldout 100
