@@ -41,6 +41,7 @@ from mllm.train import (
     load_run_config,
     lr_at,
     resolve_model_paths,
+    set_attention,
     train,
 )
 from mllm.vocab import VisualVocab
@@ -229,6 +230,21 @@ def test_a_zero_weight_leaves_its_direction_untrained(world, tmp_path):
     seed_everything(0)  # as the trainer does before it builds the model
     assert torch.equal(head, build_model(tiny_run(world, tmp_path)).head.proj.weight)
     assert all(r["loss"] == pytest.approx(r["loss_text"]) for r in read_log(tmp_path))
+
+
+def test_the_attention_kernel_is_a_speed_choice_only(world, tmp_path):
+    """train.attention: auto = eager on CPU (faster there, see TrainConfig); eager and sdpa train the same numbers."""
+    model = build_model(tiny_run(world, tmp_path))
+    assert set_attention(model, "auto", torch.device("cpu")) == "eager"
+    assert model.llm.config._attn_implementation == "eager"
+    logged = {}
+    for kernel in ("eager", "sdpa"):
+        train(tiny_run(world, tmp_path / kernel, f"train.attention={kernel}", "train.steps=3", "train.log_every=1",
+                       "train.ckpt_every=0", "train.export_merged=false"))  # fmt: skip
+        logged[kernel] = losses(tmp_path / kernel)
+    assert close(logged["eager"], logged["sdpa"], tol=1e-4), logged
+    with pytest.raises(ConfigError, match="train.attention"):
+        tiny_run(world, tmp_path, "train.attention=flash")
 
 
 def test_tensorboard_holds_the_logged_numbers(world, tmp_path):

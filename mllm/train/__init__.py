@@ -68,7 +68,16 @@ from mllm.train.runners import (
     prune_engine_dirs,
     whole_parameters,
 )
-from mllm.train.trainer import MLLMTrainer, Tally, build_data, build_model, detect_launch, load_init, train
+from mllm.train.trainer import (
+    MLLMTrainer,
+    Tally,
+    build_data,
+    build_model,
+    detect_launch,
+    load_init,
+    set_attention,
+    train,
+)
 from semhitok.runtime import Launch
 
 __all__ = [
@@ -92,6 +101,7 @@ __all__ = [
     "TrainConfig",
     "build_data",
     "build_model",
+    "set_attention",
     "combine",
     "check_paths",
     "deepspeed_config",

@@ -85,6 +85,14 @@ def build_model(run: MLLMRunConfig) -> SemHiTokLM:
     return model
 
 
+def set_attention(model: SemHiTokLM, attention: str, device: torch.device) -> str:
+    """Switch the LLM's attention kernel for training (`train.attention`); returns the one set."""
+    kernel = attention if attention != "auto" else ("eager" if device.type == "cpu" else "sdpa")
+    base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm  # PEFT-wrapped or not
+    base.set_attn_implementation(kernel)
+    return kernel
+
+
 def load_init(model: SemHiTokLM, folder: Path) -> None:
     """Copy adapter, head, special rows (and image rows) from a previous stage's `save_pretrained` / `export_merged`
     folder, and its LoRA when both stages train the same LoRA (r, alpha, targets) on the same LLM, so a staged recipe
@@ -219,6 +227,7 @@ class MLLMTrainer(Trainer):
                               "partitioned); use ZeRO-2 or DDP, or set train.diagnose_every=0")  # fmt: skip
         seed_everything(t.seed)
         model = build_model(run).to(launch.device).train()
+        set_attention(model, t.attention, launch.device)
         tokenizer = model.load_text_tokenizer()
         dataset = dataset if dataset is not None else build_data(run, tokenizer, model.vocab)
         self.stream = BatchStream(dataset, launch, seed=t.seed, batch_size=t.batch_size, num_workers=t.num_workers,
