@@ -6,6 +6,9 @@
     python eval/diagnose.py caption-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
         image NLL (nats per image token) given the true caption, the empty caption and another scene's caption; the
         gap empty - true (0 = the caption is ignored)
+    python eval/diagnose.py description-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
+        text NLL (nats per token) of each scene's caption as the answer to "Describe the image concisely." with its
+        own and with another scene's image; gap = swapped - real (0 = the description ignores the image)
     common options: --template auto --prompt "Generate an image of: {caption}" --device auto --precision auto
                     --seed 0 --trust-remote-code
 
@@ -28,6 +31,7 @@ from semhitok.runtime import PRECISIONS, Parser, int_in
 COMMANDS = {  # command -> (help, default --n, what --n counts)
     "image-dependence": ("yes/no margin AUC with the real vs a swapped image", 400, "balanced questions (even)"),
     "caption-dependence": ("image NLL with the true, empty and a swapped caption", 200, "scenes"),
+    "description-dependence": ("description NLL with the real vs a swapped image", 200, "scenes"),
 }
 
 
@@ -60,8 +64,10 @@ def run(args: argparse.Namespace) -> dict:
                                 template=resolve_template(args.template, inference.tokenizer),
                                 system=model.config.system_prompt, prompt=args.prompt, device=model.code_sem.device,
                                 seed=args.seed)  # fmt: skip
+    measure = {"image-dependence": diag.image_dependence, "caption-dependence": diag.caption_dependence,
+               "description-dependence": diag.description_dependence}[args.command]  # fmt: skip
     with inference.precision.autocast(model.code_sem.device):
-        result = diag.image_dependence(model) if image else diag.caption_dependence(model)
+        result = measure(model)
     return {"command": args.command, "model": str(args.checkpoint), "data": str(args.data), **result}
 
 

@@ -9,6 +9,11 @@
     caption dependence  teacher-forced image NLL (nats per image token) of each scene's image after its caption, the
                         empty caption (the unconditional prompt) and another scene's caption (the same derangement);
                         gap = NLL(empty) - NLL(true) > 0 when the caption helps, 0 for a model that ignores it.
+    description dependence  teacher-forced text NLL (nats per token) of each scene's caption as the answer to LLaVA's
+                        first brief-description instruction, with the scene's own image and with another scene's
+                        (the same derangement); gap = NLL(swapped) - NLL(real) > 0 when the description reads the image.
+                        It shows an alignment stage (descriptions only) binding the image before any yes/no question
+                        is trained, where the image dependence of yes/no answers is still at chance.
 
 Samples are built exactly as training builds them (`SampleBuilder`: template, system prompt, image layout, generation
 prompt) and scored in right-padded batches by `SemHiTokLM.sequence_nll` (NLL per row), outside the training forward:
@@ -32,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
-from mllm.data.mixture import LMSample, SampleBuilder, Skip, collate_lm
+from mllm.data.mixture import BRIEF_INSTRUCTIONS, LMSample, SampleBuilder, Skip, collate_lm
 from mllm.synthetic.questions import NO, YES, existence_question
 from mllm.synthetic.scene import CATEGORIES, Scene
 from mllm.vocab import VisualVocab
@@ -40,7 +45,7 @@ from semhitok import SemHiTok, TokenGrid
 from semhitok.runtime import load_image, read_jsonl, to_tensor
 
 SCENES_NAME = "scenes.jsonl"
-LOG_KEYS = ("diag/image_auc", "diag/image_auc_swapped", "diag/caption_gap")  # what the trainer logs
+LOG_KEYS = ("diag/image_auc", "diag/image_auc_swapped", "diag/caption_gap", "diag/description_gap")  # the trainer logs
 
 
 class DiagnosticsError(ValueError):
@@ -216,16 +221,37 @@ class DiagnosticSet:
         return {"scenes": len(scenes), **means, "gap": means["nll_empty"] - means["nll_true"],
                 "gap_swapped": means["nll_swapped"] - means["nll_true"]}  # fmt: skip
 
+    def description_dependence(self, model: Scorer) -> dict[str, Any]:
+        """Mean text NLL per token of each caption scene's description with its own and with a swapped image; gap =
+        swapped - real, and the share of scenes whose description costs less with their own image."""
+        scenes = self.scenes[: self.captions]
+        swap = derangement(len(scenes))
+        shown = {"real": [s.image for s in scenes], "swapped": [scenes[swap[k]].image for k in range(len(scenes))]}
+        nll = {}
+        for name, images in shown.items():
+            samples = [self._describe(s.caption, image) for s, image in zip(scenes, images, strict=True)]
+            nll[name] = np.array([x.text / max(x.n_text, 1) for x in score(model, samples, self.device, self.batch_size)])
+        return {"scenes": len(scenes), "nll_real": float(nll["real"].mean()), "nll_swapped": float(nll["swapped"].mean()),
+                "gap": float(nll["swapped"].mean() - nll["real"].mean()),
+                "share_real_lower": float(np.mean(nll["real"] < nll["swapped"]))}  # fmt: skip
+
     def log_record(self, model: nn.Module) -> dict[str, float]:
-        """The trainer's cheap record: `LOG_KEYS` from both diagnostics, the model in eval mode (no dropout; its
+        """The trainer's cheap record: `LOG_KEYS` from the three diagnostics, the model in eval mode (no dropout; its
         mode is restored)."""
         was_training = model.training
         model.eval()
         try:
             image, caption = self.image_dependence(model), self.caption_dependence(model)
+            description = self.description_dependence(model)
         finally:
             model.train(was_training)
-        return dict(zip(LOG_KEYS, (image["auc"], image["auc_swapped"], caption["gap"]), strict=True))
+        values = (image["auc"], image["auc_swapped"], caption["gap"], description["gap"])
+        return dict(zip(LOG_KEYS, values, strict=True))
+
+    def _describe(self, caption: str, image: str) -> LMSample:
+        turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{BRIEF_INSTRUCTIONS[0]}"},
+                 {"from": "gpt", "value": caption}]  # fmt: skip
+        return self._build(lambda: self.builder.understanding(turns, image), image)
 
     def _answer(self, q: YesNo, image: str, answer: str) -> LMSample:
         turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q.question}"}, {"from": "gpt", "value": answer}]

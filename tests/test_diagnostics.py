@@ -101,6 +101,10 @@ class Cheat:
         image = vocab.is_image_id(ids)
         text = self.tokenizer.decode(ids[~image & (labels == -100)])
         targets = labels[labels != -100]
+        if not vocab.is_image_id(targets).any() and "Describe" in text:  # a description: 1 nat per token if of the image
+            scene = self.scene_of[tuple(ids[image].tolist())]
+            own = scene.caption in self.tokenizer.decode(targets) and self.image
+            return {"text": (1.0 if own else 3.0) * len(targets), "n_text": len(targets), "image": 0.0, "n_image": 0}
         if not vocab.is_image_id(targets).any():  # an answer: which one, and is its category shown?
             scene = self.scene_of[tuple(ids[image].tolist())]
             shown = any(f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in" in text
@@ -128,6 +132,10 @@ def test_a_model_that_reads_the_image_and_caption_scores_above_one_that_ignores_
     assert captions["gap"] == captions["gap_swapped"] == 1.0
     blind = diag.caption_dependence(Cheat(diag, caption=False))
     assert blind["gap"] == blind["gap_swapped"] == 0.0
+    described = diag.description_dependence(Cheat(diag))
+    assert described == {"scenes": 6, "nll_real": 1.0, "nll_swapped": 3.0, "gap": 2.0, "share_real_lower": 1.0}
+    blind = diag.description_dependence(Cheat(diag, image=False))
+    assert blind["gap"] == 0.0 and blind["share_real_lower"] == 0.0
 
 
 def test_a_real_model_without_image_input_has_equal_real_and_swapped_margins(world):
@@ -140,7 +148,7 @@ def test_a_real_model_without_image_input_has_equal_real_and_swapped_margins(wor
         model.adapter.proj.weight.zero_()
         model.adapter.proj.bias.zero_()
     blind = diag.image_dependence(model)
-    assert blind["auc"] == blind["auc_swapped"]
+    assert blind["auc"] == blind["auc_swapped"] and diag.description_dependence(model)["gap"] == pytest.approx(0, abs=1e-5)
     assert blind["margin_yes"] == pytest.approx(blind["margin_yes_swapped"], abs=1e-5)
     assert blind["margin_no"] == pytest.approx(blind["margin_no_swapped"], abs=1e-5)
     record = diag.log_record(model.train())
@@ -185,6 +193,10 @@ def test_cli_writes_both_diagnostics_and_names_bad_input(world, tmp_path, capsys
     assert code == 0, err
     result = json.loads((tmp_path / "caption.json").read_text())
     assert result["scenes"] == 3 and result["gap"] == pytest.approx(result["nll_empty"] - result["nll_true"])
+    code, out, err = run_cli(["description-dependence", *common, "--n", "3", "--out", tmp_path / "d.json"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert result["scenes"] == 3 and result["gap"] == pytest.approx(result["nll_swapped"] - result["nll_real"])
     for args, match in ((["image-dependence", *common, "--n", "5"], "an even number >= 2"),
                         (["image-dependence", *common[:3], tmp_path, "--n", "4"], "not a synthetic data folder"),
                         (["caption-dependence", "--model", tmp_path, "--data", world / "heldout"], "checkpoint"),

@@ -42,12 +42,13 @@ class DiagnoseConfig:
     """Learning diagnostics during training (DESIGN §9; `mllm.diagnostics`): every `train.diagnose_every` steps (and
     at step 0 of a fresh run) on a fixed held-out synthetic folder `data` (scripts/render_synthetic.py, rendered with
     another seed than the training data; "" = off): the yes/no answer margin AUC with the real vs a swapped image over
-    `questions` balanced questions, and the image NLL gap (empty - true caption) over `captions` scenes ->
-    `diag/image_auc`, `diag/image_auc_swapped`, `diag/caption_gap` in log.jsonl (eval/diagnose.py reports the means
-    behind them). Not under ZeRO-3 (its weights are partitioned)."""
+    `questions` balanced questions, the image NLL gap (empty - true caption) and the description NLL gap (swapped -
+    real image) over `captions` scenes -> `diag/image_auc`, `diag/image_auc_swapped`, `diag/caption_gap`,
+    `diag/description_gap` in log.jsonl (eval/diagnose.py reports the means behind them). Not under ZeRO-3 (its
+    weights are partitioned)."""
 
     data: str = ""
-    questions: int = 32  # cost: 4 scored samples per question, 3 per caption scene (seconds on a GPU)
+    questions: int = 32  # cost: 4 scored samples per question, 5 per caption scene (seconds on a GPU)
     captions: int = 16
 
     def __post_init__(self) -> None:
