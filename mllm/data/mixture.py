@@ -194,7 +194,8 @@ def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 class _Source(torch.utils.data.Dataset):
-    """Items are `sample(index, self.epoch)`."""
+    """Items are `sample(index, self.epoch)`; `length_hint(index, epoch)` ranks them by length without building them
+    (characters of text, + IMAGE_HINT for an image): what `train.group_by_length` sorts batches by."""
 
     epoch = 0
 
@@ -206,6 +207,12 @@ class _Source(torch.utils.data.Dataset):
 
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
         raise NotImplementedError
+
+    def length_hint(self, index: int, epoch: int) -> int:
+        raise NotImplementedError
+
+
+IMAGE_HINT = 256  # an image's share of a length hint: about what its ids take as text characters (64 ids x ~4)
 
 
 class ConversationDataset(_Source):
@@ -221,6 +228,10 @@ class ConversationDataset(_Source):
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
         s = self.samples[index]
         return _build(index, s.image or s.id, lambda: self.builder.understanding(s.turns, s.image))
+
+    def length_hint(self, index: int, epoch: int) -> int:
+        s = self.samples[index]
+        return sum(len(t.text) for t in s.turns) + (IMAGE_HINT if s.image else 0)
 
 
 @dataclass(frozen=True)
@@ -261,6 +272,10 @@ class CaptionDataset(_Source):
         turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{instruction}"}, {"from": "gpt", "value": caption}]
         return _build(index, p.image, lambda: self.builder.understanding(turns, p.image))
 
+    def length_hint(self, index: int, epoch: int) -> int:  # the mean caption and instruction: no draw needed
+        captions = self.pairs[index].captions
+        return sum(map(len, captions)) // len(captions) + len(self.instructions[0]) + IMAGE_HINT
+
 
 class TextToImageDataset(_Source):
     """Generation samples: a caption drawn per (epoch, index), replaced by "" with probability `cfg_dropout`."""
@@ -282,6 +297,9 @@ class TextToImageDataset(_Source):
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
         image = self.pairs[index].image
         return _build(index, image, lambda: self.builder.generation(self.caption(index, epoch), image))
+
+    def length_hint(self, index: int, epoch: int) -> int:
+        return len(self.builder.prompt) + len(self.caption(index, epoch)) + IMAGE_HINT
 
 
 # ---------------------------------------------------------------------------------------------------- mixture
@@ -315,6 +333,10 @@ class MixtureDataset(_Source):
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
         s, j, c = self.plan(epoch)[:, index]
         return self.sources[s].sample(int(j), int(c))
+
+    def length_hint(self, index: int, epoch: int) -> int:
+        s, j, c = self.plan(epoch)[:, index]
+        return self.sources[s].length_hint(int(j), int(c))
 
     def plan(self, epoch: int) -> np.ndarray:
         """(3, len) int64: source, item index and cycle of every position of `epoch`."""

@@ -83,6 +83,10 @@ class TrainConfig:
     # The LLM's attention kernel while training: auto = eager on CPU, sdpa elsewhere. Same numbers; on this 2-core CPU
     # a SmolLM2-135M LoRA step (bf16 autocast, 16 x ~180 tokens) takes 5.9 s eager vs 7.0 s with PyTorch's CPU sdpa.
     attention: Literal["auto", "sdpa", "eager"] = "auto"
+    # G > 0: batches of samples of similar length (LLaVA's group_by_length): the shuffled order is cut into windows of
+    # G batches, each sorted by length into batches whose order is shuffled. Less padding (the demo's instruct mix:
+    # see docs/demo.md), the same samples per epoch; 0 = plain shuffle. Not a resumable change (the order changes).
+    group_by_length: int = 0
     deepspeed: str | None = None  # ZeRO policy JSON (configs/deepspeed/); null = DDP / single process
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = 2
@@ -101,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"train.steps must be > 0, or train.epochs > 0 (got {self.steps}, {self.epochs})")
         if min(self.batch_size, self.grad_accum, self.log_every) < 1 or min(self.ckpt_every, self.keep_last) < 0:
             raise ValueError("train.batch_size, grad_accum, log_every must be >= 1; ckpt_every, keep_last >= 0")
+        if self.group_by_length < 0:
+            raise ValueError(f"train.group_by_length must be >= 0 (0 = off), got {self.group_by_length}")
         if self.global_batch_size and self.grad_accum != 1:
             raise ValueError("set train.global_batch_size (grad_accum derived) or train.grad_accum, not both")
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:

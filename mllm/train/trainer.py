@@ -231,7 +231,8 @@ class MLLMTrainer(Trainer):
         tokenizer = model.load_text_tokenizer()
         dataset = dataset if dataset is not None else build_data(run, tokenizer, model.vocab)
         self.stream = BatchStream(dataset, launch, seed=t.seed, batch_size=t.batch_size, num_workers=t.num_workers,
-                                  collate_fn=partial(collate_lm, pad_id=pad_id_of(tokenizer)))  # fmt: skip
+                                  collate_fn=partial(collate_lm, pad_id=pad_id_of(tokenizer)),
+                                  group_by_length=t.group_by_length)  # fmt: skip
         self.loader, self.per_epoch = self.stream.loader, self.stream.per_epoch
         self.total = t.steps or math.ceil(t.epochs * self.per_epoch / self.accum)
         self.vocab = model.vocab

@@ -40,14 +40,40 @@ LOG_NAME = "log.jsonl"
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (seeded shuffle per epoch, this rank's share) that starts `skip` samples into the epoch."""
+    """DistributedSampler (seeded shuffle per epoch, this rank's share) that starts `skip` samples into the epoch.
+    With `group_by_length` G > 0 (and a dataset with `length_hint(index, epoch)`), this order is then cut into windows
+    of G batches; within a window the samples are sorted by length into batches and the batches shuffled
+    (`group_by_length`): less padding, the same samples per epoch, still a fixed function of (seed, epoch)."""
 
-    def __init__(self, dataset: Dataset, launch: Launch, seed: int):
+    def __init__(self, dataset: Dataset, launch: Launch, seed: int, batch_size: int = 1, group_by_length: int = 0):
         super().__init__(dataset, num_replicas=launch.world_size, rank=launch.rank, shuffle=True, seed=seed)
-        self.skip = 0
+        if group_by_length and not hasattr(dataset, "length_hint"):
+            raise ConfigError(f"group_by_length needs a dataset with length_hint(index, epoch); {type(dataset).__name__} "
+                              "has none")  # fmt: skip
+        self.skip, self.batch_size, self.group = 0, batch_size, group_by_length
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
+        order = super().__iter__()
+        if self.group:
+            hint = self.dataset.length_hint  # type: ignore[attr-defined]
+            order = iter(group_by_length(list(order), lambda i: hint(i, self.epoch), self.batch_size, self.group,
+                                         torch.Generator().manual_seed(self.seed + self.epoch)))  # fmt: skip
+        return itertools.islice(order, self.skip, None)
+
+
+def group_by_length(order: list[int], length: Callable[[int], int], batch_size: int, group: int,
+                    generator: torch.Generator) -> list[int]:  # fmt: skip
+    """`order` cut into windows of `group` batches; in each window the samples sorted by `length` (longest first) and
+    cut into batches, whose order is then shuffled. A final partial batch stays last, so every batch before it is
+    whole (the loader's drop_last drops only it)."""
+    out, window = [], batch_size * group
+    for start in range(0, len(order), window):
+        ranked = sorted(order[start : start + window], key=length, reverse=True)
+        batches = [ranked[k : k + batch_size] for k in range(0, len(ranked), batch_size)]
+        tail = [batches.pop()] if len(batches[-1]) < batch_size else []
+        out += [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+        out += [i for b in tail for i in b]
+    return out
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -58,12 +84,12 @@ class BatchStream:
     collator emptied on any rank are skipped by all ranks together (`EmptyBatches` stops a run that only has those)."""
 
     def __init__(self, dataset: Dataset, launch: Launch, *, seed: int, batch_size: int, num_workers: int,
-                 collate_fn: Callable, noun: str = "samples"):  # fmt: skip
+                 collate_fn: Callable, noun: str = "samples", group_by_length: int = 0):  # fmt: skip
         if len(dataset) < batch_size * launch.world_size:
             raise ConfigError(f"only {len(dataset)} training {noun} for batch_size {batch_size} "
                               f"x {launch.world_size} processes")  # fmt: skip
         self.dataset, self.device, self.batch_size = dataset, launch.device, batch_size
-        self.sampler = ResumableSampler(dataset, launch, seed)
+        self.sampler = ResumableSampler(dataset, launch, seed, batch_size, group_by_length)
         self.per_epoch = self.sampler.num_samples // batch_size  # batches per epoch and rank
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers, drop_last=True,
