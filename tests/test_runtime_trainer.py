@@ -126,6 +126,26 @@ def test_a_resume_with_another_config_is_refused(tmp_path):
         ToyTrainer(replace(run, lr=0.2))
 
 
+@dataclass(frozen=True)
+class OldToyRun:
+    """ToyRun before the schema had `accum` (what the old code did: one micro-batch)."""
+
+    out_dir: str
+    steps: int = 6
+    lr: float = 0.1
+    accum = 1  # a class attribute, not a field: not in the saved config
+
+
+def test_a_run_resumes_across_a_new_config_key_at_its_default(tmp_path):
+    """A checkpoint written before the schema gained a key resumes when the key is at its default (the same
+    computation), and is refused when it is set otherwise."""
+    fit(OldToyRun(str(tmp_path / "run"), steps=2))
+    assert "accum" not in json.loads((latest_checkpoint(tmp_path / "run") / "meta.json").read_text())["config"]
+    with pytest.raises(ConfigError, match=r"different config .*accum: 1 vs 2"):
+        ToyTrainer(ToyRun(str(tmp_path / "run"), steps=3, accum=2))
+    assert fit(ToyRun(str(tmp_path / "run"), steps=3)).step == 3
+
+
 def test_accumulation_takes_accum_batches_per_step_and_run_training_exports(tmp_path):
     run = ToyRun(str(tmp_path / "run"), steps=2, accum=2)
     path = run_training(Launch(), run.out_dir, lambda: ToyTrainer(run))

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from semhitok.runtime.checkpoint import load_resume_point, restore_rng, save_checkpoint
-from semhitok.runtime.configio import ConfigError, config_diff, save_config, to_dict
+from semhitok.runtime.configio import ConfigError, config_diff, from_dict, save_config, to_dict
 from semhitok.runtime.data import SkipCounter
 from semhitok.runtime.launch import Launch, barrier, join_process_group, reduce_int
 from semhitok.runtime.loop import MAX_EMPTY_BATCHES, EmptyBatches, append_jsonl, console, skipped_line, truncate_log
@@ -337,9 +337,19 @@ class Trainer:
         self.saved_step = self.step
         barrier()
 
+    def saved_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's config with the keys the schema gained since it was written at their defaults (a new
+        option's default computes what the old code did), so a run resumes across such an upgrade; as saved when it
+        no longer parses (then every difference is named)."""
+        try:
+            return to_dict(from_dict(type(self.run), saved))
+        except (ConfigError, TypeError, ValueError):
+            return saved
+
     def resume(self, path: Path, groups: dict[str, dict[str, Tensor]], meta: dict[str, Any]) -> None:
         """Continue from a checkpoint, refused when the config differs beyond RESUMABLE_CHANGES."""
-        diff = config_diff(meta["config"], to_dict(self.run), self.RESUMABLE_CHANGES) + self.resume_diff(meta)
+        diff = config_diff(self.saved_config(meta["config"]), to_dict(self.run), self.RESUMABLE_CHANGES)
+        diff += self.resume_diff(meta)
         if diff:
             raise ConfigError(f"{self.out} holds a run with a different config (checkpoint vs now): {'; '.join(diff)}. "
                               f"Use a new {self.OUT_KEY}, or delete the old one to start over")  # fmt: skip
