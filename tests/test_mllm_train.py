@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from mllm.conversation import IGNORE_INDEX
 from mllm.data.mixture import LMSample
 from mllm.diagnostics import LOG_KEYS
-from mllm.model import SemHiTokLM
+from mllm.model import PARTS_NAME, SemHiTokLM
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.train import (
     STAGE_PARTS,
@@ -455,6 +455,27 @@ def test_a_lora_stage_carries_its_lora_into_the_next_lora_stage(world, tmp_path)
     for other in ("model.lora.r=8", "model.train_llm=full"):
         with pytest.raises(ConfigError, match="holds LoRA weights .*r=4"):
             build_model(tiny_run(world, tmp_path, "train.stage=t2i", other, f"train.init_from={first / 'model'}"))
+
+def test_export_step_writes_a_checkpoint_as_a_model_folder(world, tmp_path):
+    """--export-step N: checkpoint N as a model folder (the last one equals the run's own model/), nothing trained;
+    a step without a checkpoint is one line naming the ones there are."""
+    out = tmp_path / "run"
+    args = ["--config", str(TINY_YAML), *paths(world, out), "train.steps=4", "train.ckpt_every=2", "train.keep_last=0",
+            "train.export_merged=false"]  # fmt: skip
+    assert run_script("python", args).returncode == 0
+    for step in (2, 4):
+        result = run_script("python", [*args, "--export-step", str(step)])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith(f"model-step-{step:06d}")
+    final, last = (load_file(out / d / PARTS_NAME) for d in ("model", "model-step-000004"))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    early = load_file(out / "model-step-000002" / PARTS_NAME)
+    assert any(not torch.equal(early[k], final[k]) for k in final)
+    assert len(read_log(out)) == 4  # nothing trained on export
+    result = run_script("python", [*args, "--export-step", "3"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "step-000003 not found: the complete checkpoints of" in result.stderr and "step-000004" in result.stderr
+
 
 def test_script_config_error_is_one_line_and_exit_2(world, tmp_path):
     result = run_script("python", ["--config", str(TINY_YAML), *paths(world, tmp_path), "train.lrr=1"])

@@ -36,6 +36,7 @@ from mllm.train.runners import (
     DeepSpeedRunner,
     MLLMTorchRunner,
     deepspeed_config,
+    load_trainable,
     param_groups,
     prune_engine_dirs,
     whole_parameters,
@@ -43,11 +44,14 @@ from mllm.train.runners import (
 from mllm.vocab import VisualVocab
 from semhitok import SemHiTok
 from semhitok.runtime import (
+    CHECKPOINTS,
     BatchStream,
     Cadence,
     ConfigError,
     Launch,
     Trainer,
+    complete_checkpoints,
+    load_checkpoint,
     rank_rng_states,
     resolve_precision,
     restore_rank_rng,
@@ -354,6 +358,28 @@ class MLLMTrainer(Trainer):
                 if self.t.export_merged:
                     model.export_merged(self.out / "export")
         return path
+
+
+def export_checkpoint(run: MLLMRunConfig, step: int, out: Path | None = None) -> Path:
+    """The run's checkpoint of optimizer step `step` as a model folder like its final `model/` (save_pretrained), to
+    evaluate a stage before it ends; default `out_dir/model-step-XXXXXX`. Checkpoints of the torch runner (one
+    process, DDP); a DeepSpeed run's are ZeRO shards (ConfigError: export them with DeepSpeed's zero_to_fp32)."""
+    folder = Path(run.train.out_dir) / CHECKPOINTS / f"step-{step:06d}"
+    steps = [p.name for p in complete_checkpoints(run.train.out_dir)]
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} not found: the complete checkpoints of {run.train.out_dir} are {steps or 'none'}")
+    groups, _ = load_checkpoint(folder)
+    if "trainable" not in groups:
+        raise ConfigError(f"{folder} holds no trainable.safetensors (a DeepSpeed checkpoint?): use DeepSpeed's "
+                          "zero_to_fp32 on its engine folder")  # fmt: skip
+    run = resolve_model_paths(run)
+    check_paths(run)
+    seed_everything(run.train.seed)
+    model = build_model(run)
+    load_trainable(model, groups["trainable"])
+    out = out or Path(run.train.out_dir) / f"model-step-{step:06d}"
+    model.save_pretrained(out)
+    return out
 
 
 def train(run: MLLMRunConfig, dataset: Dataset | None = None) -> Path:

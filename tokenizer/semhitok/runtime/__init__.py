@@ -17,7 +17,9 @@ from semhitok.runtime.assets import (
 )
 from semhitok.runtime.atomic import atomic_folder
 from semhitok.runtime.checkpoint import (
+    CHECKPOINTS,
     CheckpointError,
+    complete_checkpoints,
     flatten_state,
     latest_checkpoint,
     load_checkpoint,
@@ -108,6 +110,8 @@ __all__ = [
     "flatten_state",
     "latest_checkpoint",
     "load_checkpoint",
+    "complete_checkpoints",
+    "CHECKPOINTS",
     "load_resume_point",
     "prune_checkpoints",
     "restore_optimizer",
