@@ -9,6 +9,8 @@
     python eval/diagnose.py description-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
         text NLL (nats per token) of each scene's caption as the answer to "Describe the image concisely." with its
         own and with another scene's image; gap = swapped - real (0 = the description ignores the image)
+    image-dependence --question "Can you see {object}?" asks in another wording ({object}: "a red circle"; default
+        the training data's "Is there {object} in the image?" + LLaVA's short-answer suffix)
     common options: --template auto --prompt "Generate an image of: {caption}" --device auto --precision auto
                     --seed 0 --trust-remote-code
 
@@ -20,12 +22,14 @@ a folder without scenes.jsonl, an --n the folder cannot fill) prints one line on
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from mllm.cli import add_trust_remote_code_arg, load, one_line_errors
 from mllm.constants import GENERATION_PROMPT
-from mllm.diagnostics import build_diagnostic_set, read_scenes
+from mllm.diagnostics import DiagnosticsError, build_diagnostic_set, read_scenes
 from mllm.sampling import resolve_template
+from mllm.synthetic.questions import existence_question, with_article
 from semhitok.runtime import PRECISIONS, Parser, int_in
 
 COMMANDS = {  # command -> (help, default --n, what --n counts)
@@ -51,24 +55,35 @@ def build_parser() -> Parser:
         c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         c.add_argument("--precision", default="auto", choices=PRECISIONS)
         c.add_argument("--seed", type=int, default=0, help="which categories the questions ask about")
+        if command == "image-dependence":
+            c.add_argument("--question", metavar="TEMPLATE", help='another wording, e.g. "Can you see {object}?"')
         add_trust_remote_code_arg(c)
     return p
 
 
+def wording(template: str) -> Callable[[str], str]:
+    """--question TEMPLATE -> category -> question ('{object}' becomes 'a red circle')."""
+    if template.count("{object}") != 1:
+        raise DiagnosticsError(f"--question needs exactly one {{object}} (where 'a red circle' goes), got {template!r}")
+    return lambda category: template.replace("{object}", with_article(category))
+
+
 def run(args: argparse.Namespace) -> dict:
     read_scenes(args.data, 2)  # a bad folder fails before the model loads
+    ask = wording(args.question) if getattr(args, "question", None) else existence_question
     inference = load(args)
     model, image = inference.model, args.command == "image-dependence"
     diag = build_diagnostic_set(args.data, inference.semhitok, inference.tokenizer, model.vocab,
                                 questions=args.n if image else 2, captions=2 if image else args.n,
                                 template=resolve_template(args.template, inference.tokenizer),
                                 system=model.config.system_prompt, prompt=args.prompt, device=model.code_sem.device,
-                                seed=args.seed)  # fmt: skip
+                                seed=args.seed, ask=ask)  # fmt: skip
     measure = {"image-dependence": diag.image_dependence, "caption-dependence": diag.caption_dependence,
                "description-dependence": diag.description_dependence}[args.command]  # fmt: skip
     with inference.precision.autocast(model.code_sem.device):
         result = measure(model)
-    return {"command": args.command, "model": str(args.checkpoint), "data": str(args.data), **result}
+    asked = {"question": args.question} if getattr(args, "question", None) else {}
+    return {"command": args.command, "model": str(args.checkpoint), "data": str(args.data), **asked, **result}
 
 
 def main(argv: list[str] | None = None) -> None:

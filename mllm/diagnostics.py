@@ -140,16 +140,18 @@ class YesNo:
     answer: bool
 
 
-def balanced_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0) -> list[YesNo]:
-    """n (even) yes/no questions, one present and one absent category (uniform) for each of the first n / 2 scenes."""
+def balanced_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0,
+                       ask: Callable[[str], str] = existence_question) -> list[YesNo]:  # fmt: skip
+    """n (even) yes/no questions, one present and one absent category (uniform) for each of the first n / 2 scenes;
+    `ask(category)` words each ('red circle' -> the training data's 'Is there a red circle in the image?...')."""
     if n < 2 or n % 2 or n // 2 > len(scenes):
         raise DiagnosticsError(f"{n} balanced questions need an even n >= 2 and n / 2 <= {len(scenes)} scenes")
     rng, out = np.random.default_rng(seed), []
     for k, s in enumerate(scenes[: n // 2]):
         present = sorted({o.category for o in s.scene.objects})
         absent = [c for c in CATEGORIES if c not in present]
-        out += [YesNo(k, existence_question(present[rng.integers(len(present))]), True),
-                YesNo(k, existence_question(absent[rng.integers(len(absent))]), False)]  # fmt: skip
+        out += [YesNo(k, ask(present[rng.integers(len(present))]), True),
+                YesNo(k, ask(absent[rng.integers(len(absent))]), False)]  # fmt: skip
     return out
 
 
@@ -266,10 +268,10 @@ class DiagnosticSet:
 
 def build_diagnostic_set(folder: str | Path, semhitok: SemHiTok, tokenizer, vocab: VisualVocab, *, questions: int,
                          captions: int, template: str, system: str | None, prompt: str = GENERATION_PROMPT,
-                         max_length: int = sys.maxsize, device: torch.device | str = "cpu",
-                         seed: int = 0) -> DiagnosticSet:  # fmt: skip
+                         max_length: int = sys.maxsize, device: torch.device | str = "cpu", seed: int = 0,
+                         ask: Callable[[str], str] = existence_question) -> DiagnosticSet:  # fmt: skip
     """The held-out set of a synthetic folder: `questions` balanced yes/no questions (over questions / 2 scenes) and
-    `captions` scenes, their images encoded once by `semhitok`; samples rendered with `template`, the system prompt
+    `captions` scenes (`ask` words the questions: `balanced_questions`), their images encoded once by `semhitok`; samples rendered with `template`, the system prompt
     `system`, the generation `prompt` and `max_length` as in training. DiagnosticsError for bad data or sizes."""
     if questions < 2 or questions % 2 or captions < 2:
         raise DiagnosticsError(f"the yes/no questions must be an even number >= 2 and the caption scenes >= 2, got "
@@ -279,7 +281,7 @@ def build_diagnostic_set(folder: str | Path, semhitok: SemHiTok, tokenizer, voca
     if len(scenes) < need:
         raise DiagnosticsError(f"{folder} holds {len(scenes)} scenes; {questions} questions (one scene per two) and "
                                f"{captions} caption scenes need {need}")  # fmt: skip
-    asked = balanced_questions(scenes, questions, seed)
+    asked = balanced_questions(scenes, questions, seed, ask)
     try:
         codes = encode_images(semhitok, Path(folder), [s.image for s in scenes])
     except (OSError, ValueError) as err:

@@ -15,6 +15,7 @@ from mllm.diagnostics import (
     LOG_KEYS,
     DiagnosticsError,
     auc,
+    balanced_questions,
     build_diagnostic_set,
     derangement,
     read_scenes,
@@ -121,6 +122,10 @@ class Cheat:
 def test_a_model_that_reads_the_image_and_caption_scores_above_one_that_ignores_them(world):
     diag = diagnostic_set(world)
     assert len(diag.questions) == 12 and [q.answer for q in diag.questions] == [True, False] * 6
+    worded = balanced_questions(diag.scenes, 12, ask=lambda category: f"Can you see the {category}?")
+    assert [(q.scene, q.answer) for q in worded] == [(q.scene, q.answer) for q in diag.questions]
+    assert [q.question.split("the ")[1][:-1] for q in worded] == [q.question.split("Is there ")[1].split(" in the")[0].split(" ", 1)[1]
+                                                          for q in diag.questions]  # fmt: skip
     reads = diag.image_dependence(Cheat(diag))
     assert reads["auc"] == 1.0 and reads["auc_swapped"] < 0.9
     assert reads["margin_yes"] == pytest.approx(2.0) and reads["margin_no"] == pytest.approx(-2.0)
@@ -193,6 +198,13 @@ def test_cli_writes_both_diagnostics_and_names_bad_input(world, tmp_path, capsys
     assert code == 0, err
     result = json.loads((tmp_path / "caption.json").read_text())
     assert result["scenes"] == 3 and result["gap"] == pytest.approx(result["nll_empty"] - result["nll_true"])
+    code, out, err = run_cli(["image-dependence", *common, "--n", "4", "--question", "Can you see {object}?", "--out",
+                              tmp_path / "worded.json"], capsys)  # fmt: skip
+    assert code == 0, err
+    worded = json.loads((tmp_path / "worded.json").read_text())
+    assert worded["question"] == "Can you see {object}?" and worded["questions"] == 4
+    code, _, err = run_cli(["image-dependence", *common, "--question", "Can you see it?"], capsys)
+    assert code == 2 and "exactly one {object}" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(["description-dependence", *common, "--n", "3", "--out", tmp_path / "d.json"], capsys)
     assert code == 0, err
     result = json.loads((tmp_path / "d.json").read_text())

@@ -59,7 +59,7 @@ def _choice(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
-def _a(category: str) -> str:
+def with_article(category: str) -> str:
     """'red circle' -> 'a red circle'."""
     color, shape = category.split()
     return noun_phrase(1, shape, color)
@@ -189,7 +189,7 @@ def pope_questions(
     for pairs, image in zip(pope_pairs(present, CATEGORIES, strategy, rng, per_image), images, strict=True):
         for pos, neg in pairs:
             for cat, label in ((pos, "yes"), (neg, "no")):
-                text = f"Is there {_a(cat)} in the image?"
+                text = f"Is there {with_article(cat)} in the image?"
                 records.append({"question_id": len(records) + 1, "image": image, "text": text, "label": label})
     return records
 
@@ -228,7 +228,7 @@ def _count_question(n: int, shape: str) -> str:
 def mme_pairs(scene: Scene, rng: np.random.Generator) -> dict[str, tuple[str, str]]:
     """Per applicable MME category, a (yes question, no question) pair about one fact of the scene."""
     yes, no = _existence(scene, rng)
-    pairs = {"existence": (f"Is there {_a(yes)} in this image?", f"Is there {_a(no)} in this image?")}
+    pairs = {"existence": (f"Is there {with_article(yes)} in this image?", f"Is there {with_article(no)} in this image?")}
     shape = _choice(rng, scene.objects).shape
     n = sum(o.shape == shape for o in scene.objects)
     pairs["count"] = (
@@ -301,7 +301,7 @@ def mme_score(questions: Sequence[dict], predictions: Sequence[str]) -> MMEScore
 
 def existence_question(category: str) -> str:
     """'Is there a red circle in the image?' + SHORT_ANSWER (POPE's question, asked the LLaVA-1.5 way)."""
-    return f"Is there {_a(category)} in the image?{SHORT_ANSWER}"
+    return f"Is there {with_article(category)} in the image?{SHORT_ANSWER}"
 
 
 @dataclass(frozen=True)
