@@ -70,7 +70,8 @@ def wording(template: str) -> Callable[[str], str]:
 
 def run(args: argparse.Namespace) -> dict:
     read_scenes(args.data, 2)  # a bad folder fails before the model loads
-    ask = wording(args.question) if getattr(args, "question", None) else existence_question
+    question = getattr(args, "question", None)  # image-dependence only
+    ask = wording(question) if question else existence_question
     inference = load(args)
     model, image = inference.model, args.command == "image-dependence"
     diag = build_diagnostic_set(args.data, inference.semhitok, inference.tokenizer, model.vocab,
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
                "description-dependence": diag.description_dependence}[args.command]  # fmt: skip
     with inference.precision.autocast(model.code_sem.device):
         result = measure(model)
-    asked = {"question": args.question} if getattr(args, "question", None) else {}
+    asked = {"question": question} if question else {}
     return {"command": args.command, "model": str(args.checkpoint), "data": str(args.data), **asked, **result}
 
 

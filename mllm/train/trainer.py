@@ -92,8 +92,7 @@ def build_model(run: MLLMRunConfig) -> SemHiTokLM:
 def set_attention(model: SemHiTokLM, attention: str, device: torch.device) -> str:
     """Switch the LLM's attention kernel for training (`train.attention`); returns the one set."""
     kernel = attention if attention != "auto" else ("eager" if device.type == "cpu" else "sdpa")
-    base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm  # PEFT-wrapped or not
-    base.set_attn_implementation(kernel)
+    model.causal_lm.set_attn_implementation(kernel)
     return kernel
 
 
@@ -364,10 +363,10 @@ def export_checkpoint(run: MLLMRunConfig, step: int, out: Path | None = None) ->
     """The run's checkpoint of optimizer step `step` as a model folder like its final `model/` (save_pretrained), to
     evaluate a stage before it ends; default `out_dir/model-step-XXXXXX`. Checkpoints of the torch runner (one
     process, DDP); a DeepSpeed run's are ZeRO shards (ConfigError: export them with DeepSpeed's zero_to_fp32)."""
-    folder = Path(run.train.out_dir) / CHECKPOINTS / f"step-{step:06d}"
-    steps = [p.name for p in complete_checkpoints(run.train.out_dir)]
-    if not folder.is_dir():
-        raise ConfigError(f"{folder} not found: the complete checkpoints of {run.train.out_dir} are {steps or 'none'}")
+    folder, found = Path(run.train.out_dir) / CHECKPOINTS / f"step-{step:06d}", complete_checkpoints(run.train.out_dir)
+    if folder not in found:
+        raise ConfigError(f"{folder} not found: the complete checkpoints of {run.train.out_dir} are "
+                          f"{[p.name for p in found] or 'none'}")  # fmt: skip
     groups, _ = load_checkpoint(folder)
     if "trainable" not in groups:
         raise ConfigError(f"{folder} holds no trainable.safetensors (a DeepSpeed checkpoint?): use DeepSpeed's "
