@@ -9,6 +9,9 @@
     python eval/diagnose.py description-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
         text NLL (nats per token) of each scene's caption as the answer to "Describe the image concisely." with its
         own and with another scene's image; gap = swapped - real (0 = the description ignores the image)
+    python eval/diagnose.py counts --model DIR --data DIR [--n 200] [--out FILE.json]
+        "How many stars are there?" per scene about a held and a lacked shape: accuracy of the most likely answer of
+        "0".."5" with the real and with a swapped image (overall, held, lacked), and the majority share of held counts
     image-dependence --question "Can you see {object}?" asks in another wording ({object}: "a red circle"; default
         the training data's "Is there {object} in the image?" + LLaVA's short-answer suffix)
     common options: --template auto --prompt "Generate an image of: {caption}" --device auto --precision auto
@@ -36,6 +39,8 @@ COMMANDS = {  # command -> (help, default --n, what --n counts)
     "image-dependence": ("yes/no margin AUC with the real vs a swapped image", 400, "balanced questions (even)"),
     "caption-dependence": ("image NLL with the true, empty and a swapped caption", 200, "scenes"),
     "description-dependence": ("description NLL with the real vs a swapped image", 200, "scenes"),
+    "counts": ("accuracy of the most likely count (0-5) with the real vs a swapped image", 200,
+               "count questions (even; per scene one about a held shape, one about a lacked shape)"),
 }
 
 
@@ -73,14 +78,15 @@ def run(args: argparse.Namespace) -> dict:
     question = getattr(args, "question", None)  # image-dependence only
     ask = wording(question) if question else existence_question
     inference = load(args)
-    model, image = inference.model, args.command == "image-dependence"
+    model, n = inference.model, {args.command: args.n}
     diag = build_diagnostic_set(args.data, inference.semhitok, inference.tokenizer, model.vocab,
-                                questions=args.n if image else 2, captions=2 if image else args.n,
+                                questions=n.get("image-dependence", 2), counts=n.get("counts", 0),
+                                captions=n.get("caption-dependence", n.get("description-dependence", 2)),
                                 template=resolve_template(args.template, inference.tokenizer),
                                 system=model.config.system_prompt, prompt=args.prompt, device=model.code_sem.device,
                                 seed=args.seed, ask=ask)  # fmt: skip
     measure = {"image-dependence": diag.image_dependence, "caption-dependence": diag.caption_dependence,
-               "description-dependence": diag.description_dependence}[args.command]  # fmt: skip
+               "description-dependence": diag.description_dependence, "counts": diag.count_accuracy}[args.command]  # fmt: skip
     with inference.precision.autocast(model.code_sem.device):
         result = measure(model)
     asked = {"question": question} if question else {}

@@ -14,6 +14,9 @@
                         (the same derangement); gap = NLL(swapped) - NLL(real) > 0 when the description reads the image.
                         It shows an alignment stage (descriptions only) binding the image before any yes/no question
                         is trained, where the image dependence of yes/no answers is still at chance.
+    count accuracy      held-out "How many stars are there?" questions (`count_question`), per scene one about a shape
+                        it holds and one about a shape it lacks ("0"); the answer is the most likely of "0".."5" (each
+                        the whole teacher-forced answer), with the real and with a swapped image.
 
 Samples are built exactly as training builds them (`SampleBuilder`: template, system prompt, image layout, generation
 prompt) and scored in right-padded batches by `SemHiTokLM.sequence_nll` (NLL per row), outside the training forward:
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,13 +41,14 @@ from torch import Tensor, nn
 
 from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
 from mllm.data.mixture import BRIEF_INSTRUCTIONS, LMSample, SampleBuilder, Skip, collate_lm
-from mllm.synthetic.questions import NO, YES, existence_question
-from mllm.synthetic.scene import CATEGORIES, Scene
+from mllm.synthetic.questions import NO, YES, count_question, existence_question
+from mllm.synthetic.scene import CATEGORIES, SHAPES, Scene
 from mllm.vocab import VisualVocab
 from semhitok import SemHiTok, TokenGrid
 from semhitok.runtime import load_image, read_jsonl, to_tensor
 
 SCENES_NAME = "scenes.jsonl"
+COUNT_ANSWERS = tuple(str(k) for k in range(6))  # the answers a count question is scored over
 LOG_KEYS = ("diag/image_auc", "diag/image_auc_swapped", "diag/caption_gap", "diag/description_gap")  # the trainer logs
 
 
@@ -156,6 +160,28 @@ def balanced_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0,
 
 
 @dataclass(frozen=True)
+class CountQuestion:
+    scene: int
+    question: str
+    answer: str  # the true count, a digit
+
+
+def count_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0) -> list[CountQuestion]:
+    """n (even) count questions, one about a shape the scene holds (answer >= 1) and one about a shape it lacks ("0"),
+    shapes uniform, for each of the first n / 2 scenes."""
+    if n < 2 or n % 2 or n // 2 > len(scenes):
+        raise DiagnosticsError(f"{n} count questions need an even n >= 2 and n / 2 <= {len(scenes)} scenes")
+    rng, out = np.random.default_rng(seed), []
+    for k, s in enumerate(scenes[: n // 2]):
+        held = sorted({o.shape for o in s.scene.objects})
+        lacked = [shape for shape in SHAPES if shape not in held]
+        shape = held[rng.integers(len(held))]
+        out += [CountQuestion(k, count_question(shape), str(sum(o.shape == shape for o in s.scene.objects))),
+                CountQuestion(k, count_question(lacked[rng.integers(len(lacked))]), "0")]  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
 class NLL:
     """Teacher-forced NLL of one sample: its text and image targets, summed, and how many there are."""
 
@@ -192,6 +218,7 @@ class DiagnosticSet:
     captions: int  # scenes scored for caption dependence
     device: torch.device
     batch_size: int = 16
+    counts: list[CountQuestion] = field(default_factory=list)
 
     def image_dependence(self, model: Scorer) -> dict[str, Any]:
         """AUC of the yes/no margin against the truth with the real and a swapped image, and the mean margins."""
@@ -201,7 +228,8 @@ class DiagnosticSet:
         truth = [q.answer for q in self.questions]
         result: dict[str, Any] = {"questions": len(truth)}
         for name, shown in images.items():
-            samples = [self._answer(q, image, a) for q, image in zip(self.questions, shown, strict=True) for a in (YES, NO)]
+            samples = [self._answer(q.question, image, a) for q, image in zip(self.questions, shown, strict=True)
+                       for a in (YES, NO)]  # fmt: skip
             nll = score(model, samples, self.device, self.batch_size)
             margins = [no.text - yes.text for yes, no in zip(nll[::2], nll[1::2], strict=True)]  # log P(Yes) - log P(No)
             result[f"auc{name}"] = auc(margins, truth)
@@ -237,6 +265,25 @@ class DiagnosticSet:
                 "gap": float(nll["swapped"].mean() - nll["real"].mean()),
                 "share_real_lower": float(np.mean(nll["real"] < nll["swapped"]))}  # fmt: skip
 
+    def count_accuracy(self, model: Scorer) -> dict[str, Any]:
+        """Accuracy of the most likely count with the real and a swapped image: over all count questions, those about a
+        held shape and those about a lacked one; chance_held = the share of the most frequent held count."""
+        if not self.counts:
+            raise DiagnosticsError("this diagnostic set holds no count questions (build it with counts > 0)")
+        swap = derangement(len(self.scenes))
+        truth = np.array([q.answer for q in self.counts])
+        held = truth != "0"
+        result: dict[str, Any] = {"questions": len(truth)}
+        for name, shown in (("", lambda k: k), ("_swapped", lambda k: swap[k])):
+            samples = [self._answer(q.question, self.scenes[shown(q.scene)].image, a)
+                       for q in self.counts for a in COUNT_ANSWERS]  # fmt: skip
+            nll = np.array([x.text for x in score(model, samples, self.device, self.batch_size)])
+            right = np.array(COUNT_ANSWERS)[nll.reshape(len(truth), len(COUNT_ANSWERS)).argmin(1)] == truth
+            result |= {f"accuracy{name}": float(right.mean()), f"accuracy_held{name}": float(right[held].mean()),
+                       f"accuracy_lacked{name}": float(right[~held].mean())}  # fmt: skip
+        result["chance_held"] = float(np.unique(truth[held], return_counts=True)[1].max() / held.sum())
+        return result
+
     def log_record(self, model: nn.Module) -> dict[str, float]:
         """The trainer's cheap record: `LOG_KEYS` from the three diagnostics, the model in eval mode (no dropout; its
         mode is restored)."""
@@ -255,8 +302,8 @@ class DiagnosticSet:
                  {"from": "gpt", "value": caption}]  # fmt: skip
         return self._build(lambda: self.builder.understanding(turns, image), image)
 
-    def _answer(self, q: YesNo, image: str, answer: str) -> LMSample:
-        turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q.question}"}, {"from": "gpt", "value": answer}]
+    def _answer(self, question: str, image: str, answer: str) -> LMSample:
+        turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}, {"from": "gpt", "value": answer}]
         return self._build(lambda: self.builder.understanding(turns, image), image)
 
     def _build(self, make: Callable[[], LMSample], image: str) -> LMSample:
@@ -269,22 +316,24 @@ class DiagnosticSet:
 def build_diagnostic_set(folder: str | Path, semhitok: SemHiTok, tokenizer, vocab: VisualVocab, *, questions: int,
                          captions: int, template: str, system: str | None, prompt: str = GENERATION_PROMPT,
                          max_length: int = sys.maxsize, device: torch.device | str = "cpu", seed: int = 0,
-                         ask: Callable[[str], str] = existence_question) -> DiagnosticSet:  # fmt: skip
-    """The held-out set of a synthetic folder: `questions` balanced yes/no questions (over questions / 2 scenes) and
-    `captions` scenes (`ask` words the questions: `balanced_questions`), their images encoded once by `semhitok`; samples rendered with `template`, the system prompt
-    `system`, the generation `prompt` and `max_length` as in training. DiagnosticsError for bad data or sizes."""
-    if questions < 2 or questions % 2 or captions < 2:
-        raise DiagnosticsError(f"the yes/no questions must be an even number >= 2 and the caption scenes >= 2, got "
-                               f"{questions} and {captions}")  # fmt: skip
-    need = max(questions // 2, captions)
+                         ask: Callable[[str], str] = existence_question, counts: int = 0) -> DiagnosticSet:  # fmt: skip
+    """The held-out set of a synthetic folder: `questions` balanced yes/no questions (over questions / 2 scenes),
+    `captions` scenes and `counts` count questions (over counts / 2 scenes; 0: none), their images encoded once by
+    `semhitok` (`ask` words the yes/no questions: `balanced_questions`); samples rendered with `template`, the system
+    prompt `system`, the generation `prompt` and `max_length` as in training. DiagnosticsError for bad data or sizes."""
+    if questions < 2 or questions % 2 or captions < 2 or counts < 0 or counts % 2:
+        raise DiagnosticsError(f"the yes/no questions must be an even number >= 2, the caption scenes >= 2 and the count "
+                               f"questions an even number >= 0, got {questions}, {captions} and {counts}")  # fmt: skip
+    need = max(questions // 2, captions, counts // 2)
     scenes = read_scenes(folder, need)
     if len(scenes) < need:
-        raise DiagnosticsError(f"{folder} holds {len(scenes)} scenes; {questions} questions (one scene per two) and "
-                               f"{captions} caption scenes need {need}")  # fmt: skip
+        raise DiagnosticsError(f"{folder} holds {len(scenes)} scenes; {questions} yes/no and {counts} count questions "
+                               f"(one scene per two) and {captions} caption scenes need {need}")  # fmt: skip
     asked = balanced_questions(scenes, questions, seed, ask)
     try:
         codes = encode_images(semhitok, Path(folder), [s.image for s in scenes])
     except (OSError, ValueError) as err:
         raise DiagnosticsError(f"{folder}: cannot read its images ({' '.join(str(err).split())})") from None
     builder = SampleBuilder(tokenizer, vocab, codes, template, max_length, prompt, system)
-    return DiagnosticSet(builder, scenes, asked, captions, torch.device(device))
+    counted = count_questions(scenes, counts, seed) if counts else []
+    return DiagnosticSet(builder, scenes, asked, captions, torch.device(device), counts=counted)

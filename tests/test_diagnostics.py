@@ -16,12 +16,15 @@ from mllm.diagnostics import (
     DiagnosticsError,
     auc,
     balanced_questions,
+    count_questions,
     build_diagnostic_set,
     derangement,
     read_scenes,
 )
 from mllm.model import MLLMConfig, SemHiTokLM
 from mllm.synthetic.dataset import write_dataset
+from mllm.synthetic.scene import SHAPES
+from mllm.synthetic.text import plural
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab
 from semhitok import PRESETS, SemHiTok
@@ -56,12 +59,12 @@ def tiny_mllm(root: Path) -> SemHiTokLM:
     return SemHiTokLM.from_config(config).eval()
 
 
-def diagnostic_set(world: Path, questions: int = 12, captions: int = 6):
+def diagnostic_set(world: Path, questions: int = 12, captions: int = 6, counts: int = 0):
     tokenizer = load_text_tokenizer(world / "llm")
     vocab = VisualVocab.create(tokenizer, TINY.K, TINY.m, len(tokenizer))
     semhitok = SemHiTok.from_pretrained(world / "semhitok")
     return build_diagnostic_set(world / "heldout", semhitok, tokenizer, vocab, questions=questions, captions=captions,
-                                template="chat_template", system="")  # fmt: skip
+                                template="chat_template", system="", counts=counts)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- arithmetic
@@ -106,6 +109,12 @@ class Cheat:
             scene = self.scene_of[tuple(ids[image].tolist())]
             own = scene.caption in self.tokenizer.decode(targets) and self.image
             return {"text": (1.0 if own else 3.0) * len(targets), "n_text": len(targets), "image": 0.0, "n_image": 0}
+        if not vocab.is_image_id(targets).any() and "How many" in text:  # a count: right if the shown scene's count
+            scene = self.scene_of[tuple(ids[image].tolist())]
+            shape = next(s for s in SHAPES if f"How many {plural(s)} are" in text)
+            count = sum(o.shape == shape for o in scene.scene.objects) if self.image else 0
+            right = self.tokenizer.decode(targets, skip_special_tokens=True).strip() == str(count)
+            return {"text": 0.1 if right else 2.1, "n_text": len(targets), "image": 0.0, "n_image": 0}
         if not vocab.is_image_id(targets).any():  # an answer: which one, and is its category shown?
             scene = self.scene_of[tuple(ids[image].tolist())]
             shown = any(f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in" in text
@@ -143,6 +152,29 @@ def test_a_model_that_reads_the_image_and_caption_scores_above_one_that_ignores_
     assert blind["gap"] == 0.0 and blind["share_real_lower"] == 0.0
 
 
+def test_count_accuracy_reads_the_count_off_the_image(world):
+    """Balanced count questions (a held shape, then a lacked one, per scene); a scorer that counts what it is shown
+    is always right with the real image and wrong on held shapes with most swapped ones; one that ignores the image
+    (always "0") is right on every lacked shape and no held one."""
+    diag = diagnostic_set(world, counts=12)
+    asked = diag.counts
+    assert len(asked) == 12 and [q.scene for q in asked] == [k // 2 for k in range(12)]
+    assert all(q.answer != "0" for q in asked[::2]) and all(q.answer == "0" for q in asked[1::2])
+    for q in asked:
+        shape = next(s for s in SHAPES if f"How many {plural(s)} are" in q.question)
+        assert q.answer == str(sum(o.shape == shape for o in diag.scenes[q.scene].scene.objects))
+    assert [q.question for q in count_questions(diag.scenes, 12)] == [q.question for q in asked]  # seeded
+    reads = diag.count_accuracy(Cheat(diag))
+    assert reads["questions"] == 12 and reads["accuracy"] == reads["accuracy_held"] == reads["accuracy_lacked"] == 1.0
+    assert reads["accuracy_held_swapped"] < 1.0 and 0 < reads["chance_held"] <= 1
+    blind = diag.count_accuracy(Cheat(diag, image=False))
+    assert blind["accuracy_held"] == blind["accuracy_held_swapped"] == 0.0 and blind["accuracy_lacked"] == 1.0
+    with pytest.raises(DiagnosticsError, match="holds no count questions"):
+        diagnostic_set(world).count_accuracy(Cheat(diag))
+    with pytest.raises(DiagnosticsError, match="count questions an even number >= 0, got 12, 6 and 3"):
+        diagnostic_set(world, counts=3)
+
+
 def test_a_real_model_without_image_input_has_equal_real_and_swapped_margins(world):
     """The tiny random MLLM's margins move with the image it is shown; with the adapter's output zeroed every image
     embeds the same, and the real and swapped images give the same margins and AUC."""
@@ -166,10 +198,10 @@ def test_bad_held_out_data_is_named(world, tmp_path):
     (tmp_path / "scenes.jsonl").write_text('{"image": "a.png"}\n')
     with pytest.raises(DiagnosticsError, match=r"scenes.jsonl:1: a scene record needs image, scene and captions"):
         read_scenes(tmp_path, 4)
-    with pytest.raises(DiagnosticsError, match="questions must be an even number >= 2 .* got 7 and 6"):
+    with pytest.raises(DiagnosticsError, match="yes/no questions must be an even number >= 2.* got 7, 6 and 0"):
         diagnostic_set(world, questions=7)
-    with pytest.raises(DiagnosticsError, match=r"heldout holds 12 scenes; 40 questions \(one scene per two\) and 6 "
-                       "caption scenes need 20"):  # fmt: skip
+    with pytest.raises(DiagnosticsError, match=r"heldout holds 12 scenes; 40 yes/no and 0 count questions \(one scene "
+                       r"per two\) and 6 caption scenes need 20"):  # fmt: skip
         diagnostic_set(world, questions=40)
 
 
@@ -205,6 +237,12 @@ def test_cli_writes_both_diagnostics_and_names_bad_input(world, tmp_path, capsys
     assert worded["question"] == "Can you see {object}?" and worded["questions"] == 4
     code, _, err = run_cli(["image-dependence", *common, "--question", "Can you see it?"], capsys)
     assert code == 2 and "exactly one {object}" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["counts", *common, "--n", "4", "--out", tmp_path / "counts.json"], capsys)
+    assert code == 0, err
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert counts["questions"] == 4 and 0 <= counts["accuracy_held_swapped"] <= 1 and "chance_held" in out
+    code, _, err = run_cli(["counts", *common, "--n", "30"], capsys)
+    assert code == 2 and "30 count questions" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(["description-dependence", *common, "--n", "3", "--out", tmp_path / "d.json"], capsys)
     assert code == 0, err
     result = json.loads((tmp_path / "d.json").read_text())

@@ -231,7 +231,7 @@ def test_multi_question_samples_are_balanced_and_independent():
     suffix."""
     rng, pool = np.random.default_rng(0), scenes(60)
     stats = CategoryStats.of(pool)
-    samples = [sample_questions(pool[i % len(pool)], rng, stats, max_questions=6) for i in range(12000)]
+    samples = [sample_questions(pool[i % len(pool)], rng, stats, max_questions=6) for i in range(16000)]
     answers = yes_no_answers(samples)
     flat = [a for row in answers for a in row]
     assert len(flat) > 10000 and abs(np.mean(flat) - 0.5) < 0.02
@@ -244,6 +244,8 @@ def test_multi_question_samples_are_balanced_and_independent():
     for prefix, later in supported.items():  # within 4 standard errors of a fair coin
         assert abs(np.mean(later) - 0.5) < 4 * 0.5 / np.sqrt(len(later)), (prefix, np.mean(later), len(later))
     assert Counter(len(qa) for qa in samples).keys() >= {1, 2, 3, 4}
+    counts = [a for qa in samples for q, a in qa if q.startswith("How many")]  # about a held or a lacked shape: a coin
+    assert len(counts) > 2000 and abs(np.mean([a == "0" for a in counts]) - 0.5) < 0.05
     for qa in samples:
         questions = [q for q, _ in qa]
         assert all(not q.startswith("Describe") for q in questions[:-1])
