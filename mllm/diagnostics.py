@@ -50,6 +50,7 @@ from semhitok.runtime import load_image, read_jsonl, to_tensor
 SCENES_NAME = "scenes.jsonl"
 COUNT_ANSWERS = tuple(str(k) for k in range(6))  # the answers a count question is scored over
 LOG_KEYS = ("diag/image_auc", "diag/image_auc_swapped", "diag/caption_gap", "diag/description_gap")  # the trainer logs
+COUNT_LOG_KEYS = ("diag/count_accuracy", "diag/count_accuracy_swapped")  # ... and these when it has count questions
 
 
 class DiagnosticsError(ValueError):
@@ -285,17 +286,21 @@ class DiagnosticSet:
         return result
 
     def log_record(self, model: nn.Module) -> dict[str, float]:
-        """The trainer's cheap record: `LOG_KEYS` from the three diagnostics, the model in eval mode (no dropout; its
-        mode is restored)."""
+        """The trainer's cheap record: `LOG_KEYS` from the three diagnostics (and `COUNT_LOG_KEYS` when the set holds
+        count questions), the model in eval mode (no dropout; its mode is restored)."""
         was_training = model.training
         model.eval()
         try:
             image, caption = self.image_dependence(model), self.caption_dependence(model)
             description = self.description_dependence(model)
+            counts = self.count_accuracy(model) if self.counts else None
         finally:
             model.train(was_training)
         values = (image["auc"], image["auc_swapped"], caption["gap"], description["gap"])
-        return dict(zip(LOG_KEYS, values, strict=True))
+        record = dict(zip(LOG_KEYS, values, strict=True))
+        if counts:
+            record |= dict(zip(COUNT_LOG_KEYS, (counts["accuracy"], counts["accuracy_swapped"]), strict=True))
+        return record
 
     def _describe(self, caption: str, image: str) -> LMSample:
         turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{BRIEF_INSTRUCTIONS[0]}"},

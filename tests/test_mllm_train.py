@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from mllm.conversation import IGNORE_INDEX
 from mllm.data.mixture import LMSample
-from mllm.diagnostics import LOG_KEYS
+from mllm.diagnostics import COUNT_LOG_KEYS, LOG_KEYS
 from mllm.model import PARTS_NAME, SemHiTokLM
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.train import (
@@ -283,14 +283,16 @@ def test_learning_diagnostics_are_logged_and_drawn(world, tmp_path):
 
     diagnose = ("train.diagnose_every=3", f"train.diagnose.data={world / 'synth'}", "train.diagnose.questions=8",
                 "train.diagnose.captions=4")  # fmt: skip
-    train(tiny_run(world, tmp_path / "run", *diagnose, "train.export_merged=false"))
+    train(tiny_run(world, tmp_path / "run", *diagnose, "train.diagnose.counts=4", "train.export_merged=false"))
     diag = [r for r in read_log(tmp_path / "run") if "diag/image_auc" in r]
-    assert [r["step"] for r in diag] == [0, 3, 6] and all(set(r) == {"step", *LOG_KEYS} for r in diag)
-    assert all(0 <= r["diag/image_auc"] <= 1 and 0 <= r["diag/image_auc_swapped"] <= 1 for r in diag)
-    assert set(read_curves(tmp_path / "run" / "log.jsonl")["diag"]) == set(LOG_KEYS)
+    keys = {*LOG_KEYS, *COUNT_LOG_KEYS}
+    assert [r["step"] for r in diag] == [0, 3, 6] and all(set(r) == {"step", *keys} for r in diag)
+    assert all(0 <= r["diag/image_auc"] <= 1 and 0 <= r["diag/count_accuracy_swapped"] <= 1 for r in diag)
+    assert set(read_curves(tmp_path / "run" / "log.jsonl")["diag"]) == keys
     assert (tmp_path / "run" / "curves.png").is_file()
     for bad, match in (((diagnose[0],), "needs train.diagnose.data"), ((diagnose[1],), "needs train.diagnose_every > 0"),
                        ((*diagnose, "train.diagnose.questions=3"), "must be even"),
+                       ((*diagnose, "train.diagnose.counts=3"), "counts even and >= 0"),
                        ((*diagnose[:1], f"train.diagnose.data={tmp_path}"), "not a synthetic data folder"),
                        ((*diagnose[:1], f"train.diagnose.data={tmp_path / 'nope'}"), "not found: train.diagnose.data"),
                        ((*diagnose, f"train.deepspeed={ZERO[3]}"), "do not run under ZeRO-3")):  # fmt: skip

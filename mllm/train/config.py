@@ -44,17 +44,19 @@ class DiagnoseConfig:
     another seed than the training data; "" = off): the yes/no answer margin AUC with the real vs a swapped image over
     `questions` balanced questions, the image NLL gap (empty - true caption) and the description NLL gap (swapped -
     real image) over `captions` scenes -> `diag/image_auc`, `diag/image_auc_swapped`, `diag/caption_gap`,
-    `diag/description_gap` in log.jsonl (eval/diagnose.py reports the means behind them). Not under ZeRO-3 (its
-    weights are partitioned)."""
+    `diag/description_gap` in log.jsonl, and with `counts` > 0 the count accuracy with the real vs a swapped image
+    over that many count questions -> `diag/count_accuracy`, `diag/count_accuracy_swapped` (eval/diagnose.py reports
+    the means behind them). Not under ZeRO-3 (its weights are partitioned)."""
 
     data: str = ""
     questions: int = 32  # cost: 4 scored samples per question, 5 per caption scene (seconds on a GPU)
     captions: int = 16
+    counts: int = 0  # count questions (even; 0 = off); cost: 12 scored samples each
 
     def __post_init__(self) -> None:
-        if self.questions < 2 or self.questions % 2 or self.captions < 2:
-            raise ValueError(f"train.diagnose.questions must be even and >= 2, captions >= 2 (got {self.questions}, "
-                             f"{self.captions})")  # fmt: skip
+        if self.questions < 2 or self.questions % 2 or self.captions < 2 or self.counts < 0 or self.counts % 2:
+            raise ValueError(f"train.diagnose.questions must be even and >= 2, captions >= 2, counts even and >= 0 "
+                             f"(got {self.questions}, {self.captions}, {self.counts})")  # fmt: skip
 
 
 @dataclass(frozen=True)
