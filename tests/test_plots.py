@@ -37,3 +37,24 @@ def test_script_writes_a_png_and_names_a_missing_log(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/plot_run.py", str(tmp_path / "none")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.strip().endswith("or train_mllm.py") and "Traceback" not in bad.stderr
+
+
+def test_stages_are_drawn_one_after_another(tmp_path):
+    """Several runs (a staged recipe): each starts where the one before ended; --groups keeps some panels; a group
+    no log has is named."""
+    from semhitok.runtime.plots import stage_offsets
+
+    for stage in ("align", "instruct"):
+        (tmp_path / stage).mkdir()
+        write_log(tmp_path / stage / "log.jsonl")
+    stages = [read_curves(tmp_path / s / "log.jsonl") for s in ("align", "instruct")]
+    assert stage_offsets(stages) == [0.0, 5.0] and stage_offsets([{}, stages[0]]) == [0.0, 0.0]
+    runs = [str(tmp_path / "align"), str(tmp_path / "instruct")]
+    ok = subprocess.run([sys.executable, "scripts/plot_run.py", *runs, "--groups", "train", "probe", "--out",
+                         str(tmp_path / "stages.png")], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    with Image.open(tmp_path / "stages.png") as png:
+        assert 2 * 200 <= png.size[1] < 3 * 200  # two panels
+    bad = subprocess.run([sys.executable, "scripts/plot_run.py", *runs, "--groups", "diag"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "no metric records in groups diag" in bad.stderr and "Traceback" not in bad.stderr

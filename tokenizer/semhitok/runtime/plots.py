@@ -3,7 +3,8 @@
 Both trainers write one JSON record per log step (`{"step": ..., "loss": ..., ...}`) and evaluation records with
 prefixed keys (`holdout/psnr`, `probe/shape`, ...). Metrics are grouped by their prefix before the first "/" (no
 prefix: "train"); counters and bookkeeping (lr, timings, skip counts, epoch) are left out. Each panel shares the step
-axis. matplotlib draws without a display (Agg).
+axis; the logs of a staged recipe (align -> instruct -> ...) can be drawn one after another on it. matplotlib draws
+without a display (Agg).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 SKIP = ("step", "epoch", "stage", "lr", "sec_per_step", "tokens_per_s", "num_skipped", "num_skipped_total",
-        "num_truncated", "grad_norm", "disc_grad_norm")  # fmt: skip
+        "num_truncated", "grad_norm", "disc_grad_norm", "sec", "samples", "understanding", "generation")  # fmt: skip
 
 
 def read_curves(log: Path) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
@@ -36,25 +38,49 @@ def read_curves(log: Path) -> dict[str, dict[str, tuple[list[float], list[float]
     return dict(groups)
 
 
-def plot_curves(log: Path, out: Path, title: str = "") -> Path:
-    """Draw every metric group of `log` into `out` (PNG); ValueError when the log holds no metric."""
+def stage_offsets(stages: Sequence[dict[str, dict[str, tuple[list[float], list[float]]]]]) -> list[float]:
+    """Where each stage of a staged recipe starts on the shared step axis: after the last step of the ones before."""
+    offsets, at = [], 0.0
+    for curves in stages:
+        offsets.append(at)
+        at += max((max(steps) for metrics in curves.values() for steps, _ in metrics.values() if steps), default=0.0)
+    return offsets
+
+
+def plot_curves(log: Path | Sequence[Path], out: Path, title: str = "", groups: Sequence[str] = ()) -> Path:
+    """Draw every metric group of `log` (or only `groups`) into `out` (PNG). Several logs are the stages of a staged
+    recipe, drawn one after another on one step axis (each starts where the one before ended; a line and the run
+    folder's name mark where), a metric in the same colour throughout. ValueError when nothing is left to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = read_curves(log)
-    if not groups:
-        raise ValueError(f"{log}: no metric records to plot")
-    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.6 * len(groups)), sharex=True, squeeze=False)
-    for ax, (group, metrics) in zip(axes[:, 0], sorted(groups.items()), strict=True):
-        for key, (steps, values) in sorted(metrics.items()):
-            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=key)
+    logs = [Path(log)] if isinstance(log, (str, Path)) else [Path(p) for p in log]
+    stages = [read_curves(p) for p in logs]
+    names = sorted({g for curves in stages for g in curves if not groups or g in groups})
+    if not names:
+        wanted = f" in groups {', '.join(groups)}" if groups else ""
+        raise ValueError(f"{', '.join(map(str, logs))}: no metric records{wanted} to plot")
+    keys = sorted({k for curves in stages for g in names for k in curves.get(g, {})})
+    colour = {k: f"C{i % 10}" for i, k in enumerate(keys)}
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.6 * len(names)), sharex=True, squeeze=False)
+    offsets = stage_offsets(stages)
+    for path, curves, offset in zip(logs, stages, offsets, strict=True):
+        for ax, group in zip(axes[:, 0], names, strict=True):
+            for key, (steps, values) in sorted(curves.get(group, {}).items()):
+                labelled = key in ax.get_legend_handles_labels()[1]
+                ax.plot([offset + s for s in steps], values, color=colour[key], marker="o" if len(steps) < 20 else None,
+                        markersize=3, label=None if labelled else key)  # fmt: skip
+            if len(logs) > 1:
+                ax.axvline(offset, color="grey", lw=0.6)
+                ax.text(offset, 1.0, f" {path.parent.name}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+    for ax, group in zip(axes[:, 0], names, strict=True):
         ax.set_title(group, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    axes[-1, 0].set_xlabel("step")
-    fig.suptitle(title or str(log), fontsize=10)
+    axes[-1, 0].set_xlabel("step" if len(logs) == 1 else "step (stages one after another)")
+    fig.suptitle(title or " -> ".join(str(p) for p in logs), fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
