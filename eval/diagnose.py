@@ -13,7 +13,8 @@
         "How many stars are there?" per scene about a held and a lacked shape: accuracy of the most likely answer of
         "0".."5" with the real and with a swapped image (overall, held, lacked), and the majority share of held counts
     image-dependence --question "Can you see {object}?" asks in another wording ({object}: "a red circle"; default
-        the training data's "Is there {object} in the image?" + LLaVA's short-answer suffix)
+        the training data's "Is there {object} in the image?" + LLaVA's short-answer suffix); counts --question
+        "How many {shapes} do you see?" likewise ({shapes}: "stars"; default "How many {shapes} are there?" + suffix)
     common options: --template auto --prompt "Generate an image of: {caption}" --device auto --precision auto
                     --seed 0 --trust-remote-code
 
@@ -32,7 +33,8 @@ from mllm.cli import add_trust_remote_code_arg, load, one_line_errors
 from mllm.constants import GENERATION_PROMPT
 from mllm.diagnostics import DiagnosticsError, build_diagnostic_set, read_scenes
 from mllm.sampling import resolve_template
-from mllm.synthetic.questions import existence_question, with_article
+from mllm.synthetic.questions import count_question, existence_question, with_article
+from mllm.synthetic.text import plural
 from semhitok.runtime import PRECISIONS, Parser, int_in
 
 COMMANDS = {  # command -> (help, default --n, what --n counts)
@@ -60,23 +62,33 @@ def build_parser() -> Parser:
         c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         c.add_argument("--precision", default="auto", choices=PRECISIONS)
         c.add_argument("--seed", type=int, default=0, help="which categories the questions ask about")
-        if command == "image-dependence":
-            c.add_argument("--question", metavar="TEMPLATE", help='another wording, e.g. "Can you see {object}?"')
+        if command in WORDINGS:
+            example = {"image-dependence": "Can you see {object}?", "counts": "How many {shapes} do you see?"}[command]
+            c.add_argument("--question", metavar="TEMPLATE", help=f'another wording, e.g. "{example}"')
         add_trust_remote_code_arg(c)
     return p
 
 
-def wording(template: str) -> Callable[[str], str]:
-    """--question TEMPLATE -> category -> question ('{object}' becomes 'a red circle')."""
-    if template.count("{object}") != 1:
-        raise DiagnosticsError(f"--question needs exactly one {{object}} (where 'a red circle' goes), got {template!r}")
-    return lambda category: template.replace("{object}", with_article(category))
+WORDINGS = {  # command -> (the placeholder of its --question, what goes there, an example of it)
+    "image-dependence": ("{object}", with_article, "a red circle"),
+    "counts": ("{shapes}", plural, "stars"),
+}
+
+
+def wording(command: str, template: str) -> Callable[[str], str]:
+    """--question TEMPLATE -> subject -> question ('{object}' becomes 'a red circle', '{shapes}' 'stars')."""
+    placeholder, fill, example = WORDINGS[command]
+    if template.count(placeholder) != 1:
+        raise DiagnosticsError(f"--question needs exactly one {placeholder} (where '{example}' goes), got {template!r}")
+    return lambda subject: template.replace(placeholder, fill(subject))
 
 
 def run(args: argparse.Namespace) -> dict:
     read_scenes(args.data, 2)  # a bad folder fails before the model loads
-    question = getattr(args, "question", None)  # image-dependence only
-    ask = wording(question) if question else existence_question
+    question = getattr(args, "question", None)  # image-dependence and counts
+    asking = {"ask": existence_question, "count_ask": count_question}  # the training data's wordings
+    if question:
+        asking["ask" if args.command == "image-dependence" else "count_ask"] = wording(args.command, question)
     inference = load(args)
     model, n = inference.model, {args.command: args.n}
     diag = build_diagnostic_set(args.data, inference.semhitok, inference.tokenizer, model.vocab,
@@ -84,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
                                 captions=n.get("caption-dependence", n.get("description-dependence", 2)),
                                 template=resolve_template(args.template, inference.tokenizer),
                                 system=model.config.system_prompt, prompt=args.prompt, device=model.code_sem.device,
-                                seed=args.seed, ask=ask)  # fmt: skip
+                                seed=args.seed, **asking)  # fmt: skip
     measure = {"image-dependence": diag.image_dependence, "caption-dependence": diag.caption_dependence,
                "description-dependence": diag.description_dependence, "counts": diag.count_accuracy}[args.command]  # fmt: skip
     with inference.precision.autocast(model.code_sem.device):

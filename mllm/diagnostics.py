@@ -167,9 +167,11 @@ class CountQuestion:
     answer: str  # the true count, a digit
 
 
-def count_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0) -> list[CountQuestion]:
+def count_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0,
+                    ask: Callable[[str], str] = count_question) -> list[CountQuestion]:  # fmt: skip
     """n (even) count questions, one about a shape the scene holds (answer >= 1) and one about a shape it lacks ("0"),
-    shapes uniform, for each of the first n / 2 scenes."""
+    shapes uniform, for each of the first n / 2 scenes; `ask(shape)` words each ('star' -> 'How many stars are
+    there?...', the training data's wording)."""
     if n < 2 or n % 2 or n // 2 > len(scenes):
         raise DiagnosticsError(f"{n} count questions need an even n >= 2 and n / 2 <= {len(scenes)} scenes")
     rng, out = np.random.default_rng(seed), []
@@ -177,8 +179,8 @@ def count_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0) -> li
         held = sorted({o.shape for o in s.scene.objects})
         lacked = [shape for shape in SHAPES if shape not in held]
         shape = held[rng.integers(len(held))]
-        out += [CountQuestion(k, count_question(shape), str(sum(o.shape == shape for o in s.scene.objects))),
-                CountQuestion(k, count_question(lacked[rng.integers(len(lacked))]), "0")]  # fmt: skip
+        out += [CountQuestion(k, ask(shape), str(sum(o.shape == shape for o in s.scene.objects))),
+                CountQuestion(k, ask(lacked[rng.integers(len(lacked))]), "0")]  # fmt: skip
     return out
 
 
@@ -321,10 +323,11 @@ class DiagnosticSet:
 def build_diagnostic_set(folder: str | Path, semhitok: SemHiTok, tokenizer, vocab: VisualVocab, *, questions: int,
                          captions: int, template: str, system: str | None, prompt: str = GENERATION_PROMPT,
                          max_length: int = sys.maxsize, device: torch.device | str = "cpu", seed: int = 0,
-                         ask: Callable[[str], str] = existence_question, counts: int = 0) -> DiagnosticSet:  # fmt: skip
+                         ask: Callable[[str], str] = existence_question, counts: int = 0,
+                         count_ask: Callable[[str], str] = count_question) -> DiagnosticSet:  # fmt: skip
     """The held-out set of a synthetic folder: `questions` balanced yes/no questions (over questions / 2 scenes),
     `captions` scenes and `counts` count questions (over counts / 2 scenes; 0: none), their images encoded once by
-    `semhitok` (`ask` words the yes/no questions: `balanced_questions`); samples rendered with `template`, the system
+    `semhitok` (`ask` words the yes/no questions: `balanced_questions`, `count_ask` the count questions); samples rendered with `template`, the system
     prompt `system`, the generation `prompt` and `max_length` as in training. DiagnosticsError for bad data or sizes."""
     if questions < 2 or questions % 2 or captions < 2 or counts < 0 or counts % 2:
         raise DiagnosticsError(f"the yes/no questions must be an even number >= 2, the caption scenes >= 2 and the count "
@@ -340,5 +343,5 @@ def build_diagnostic_set(folder: str | Path, semhitok: SemHiTok, tokenizer, voca
     except (OSError, ValueError) as err:
         raise DiagnosticsError(f"{folder}: cannot read its images ({' '.join(str(err).split())})") from None
     builder = SampleBuilder(tokenizer, vocab, codes, template, max_length, prompt, system)
-    counted = count_questions(scenes, counts, seed) if counts else []
+    counted = count_questions(scenes, counts, seed, count_ask) if counts else []
     return DiagnosticSet(builder, scenes, asked, captions, torch.device(device), counts=counted)

@@ -241,6 +241,12 @@ def test_cli_writes_both_diagnostics_and_names_bad_input(world, tmp_path, capsys
     assert code == 0, err
     counts = json.loads((tmp_path / "counts.json").read_text())
     assert counts["questions"] == 4 and 0 <= counts["accuracy_held_swapped"] <= 1 and "chance_held" in out
+    code, out, err = run_cli(["counts", *common, "--n", "4", "--question", "How many {shapes} do you see?", "--out",
+                              tmp_path / "counts-worded.json"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "counts-worded.json").read_text())["question"] == "How many {shapes} do you see?"
+    code, _, err = run_cli(["counts", *common, "--question", "How many {object}?"], capsys)
+    assert code == 2 and "exactly one {shapes} (where 'stars' goes)" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["counts", *common, "--n", "30"], capsys)
     assert code == 2 and "30 count questions" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(["description-dependence", *common, "--n", "3", "--out", tmp_path / "d.json"], capsys)
