@@ -7,7 +7,9 @@
 
 `--synthetic` takes a folder written by `scripts/render_synthetic.py` (scenes.jsonl + images): besides the metrics it
 reports what the synthetic domain's exact detector reads from the reconstructions (count, shape, colour, position
-accuracy against the scenes), the tokenizer's reconstruction gate (docs/tokenizer.md).
+accuracy against the scenes), the tokenizer's reconstruction gate (docs/tokenizer.md), and GenEval's score of the
+reconstructions of the scenes rendered for GenEval entries (`geneval_ceiling`: what generation through this tokenizer
+can reach at most).
 Writes OUT/results.json (metrics, image counts, checkpoint, protocol, networks) and OUT/reconstructions.png
 (the first 8 originals over their reconstructions); prints a short table. The protocol is `semhitok.metrics.PROTOCOL`.
 """
@@ -20,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mllm.evaluation.geneval import judge_images
 from mllm.synthetic import Scene
 from mllm.synthetic.detector import reconstruct_and_detect
 from semhitok.metrics import PROTOCOL, evaluate_reconstruction, fid_features_for
@@ -94,13 +97,15 @@ def load(args: argparse.Namespace):
     return model, loader, None if args.no_fid else fid_features_for(model)
 
 
-def synthetic_detection(model: SemHiTok, folder: Path, limit: int | None, batch_size: int) -> dict[str, float]:
-    """The exact detector on reconstructions of a synthetic render's scenes (the same evenly spaced `limit`)."""
+def synthetic_detection(model: SemHiTok, folder: Path, limit: int | None, batch_size: int) -> tuple[dict, dict | None]:
+    """The exact detector on reconstructions of a synthetic render's scenes (the same evenly spaced `limit`): accuracy
+    per attribute, and GenEval's summary of the reconstructions of the scenes rendered for a GenEval entry (the
+    ceiling on generation through this tokenizer; None when the render has no such scene)."""
     rows = [row for _, row in read_jsonl(folder / "scenes.jsonl")]
     rows = [rows[i] for i in evenly_spaced(len(rows), limit)]
     images = torch.stack([to_tensor(load_image(folder / r["image"], model.config.image_size)) for r in rows])
-    accuracy, _, _ = reconstruct_and_detect(model, images, [Scene.from_dict(r["scene"]) for r in rows], batch_size)
-    return accuracy
+    accuracy, _, pil = reconstruct_and_detect(model, images, [Scene.from_dict(r["scene"]) for r in rows], batch_size)
+    return accuracy, judge_images([r.get("geneval") for r in rows], pil)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                "image_size": model.config.image_size, "protocol": PROTOCOL}
     if args.synthetic:
         try:
-            results["detector"] = synthetic_detection(model, args.synthetic, args.limit, args.batch_size)
+            results["detector"], results["geneval_ceiling"] = synthetic_detection(model, args.synthetic, args.limit,
+                                                                                  args.batch_size)  # fmt: skip
         except (OSError, ValueError, KeyError) as err:
             p.error(f"--synthetic {args.synthetic}: {err}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:<20} {'-' if results[k] is None else format(results[k], '.4f')}")
     for k, v in results.get("detector", {}).items():
         print(f"{'detector/' + k:<20} {v:.4f}")
+    if ceiling := results.get("geneval_ceiling"):
+        tags = ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in ceiling["tags"].items())
+        print(f"{'geneval ceiling':<20} {ceiling['overall']:.4f} ({tags}; {ceiling['images']} reconstructions)")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'reconstructions.png'}")
     check_gates(p.prog, results, args.gate)
 

@@ -26,9 +26,16 @@ import numpy as np
 import torch
 
 from mllm.cli import checkpoint_dir, load, one_line_errors, save_images
-from mllm.evaluation.geneval import format_summary, generate, score_folder, synthetic_metadata, write_metadata
+from mllm.evaluation.geneval import (
+    format_summary,
+    generate,
+    judge_images,
+    score_folder,
+    synthetic_metadata,
+    write_metadata,
+)
 from mllm.sampling import ChatSession, Inference, SamplingConfig, generate_images
-from mllm.synthetic import Scene, score_geneval
+from mllm.synthetic import Scene
 from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.detector import reconstruct_and_detect
 from mllm.synthetic.questions import qa_pool
@@ -126,9 +133,9 @@ def reconstruction_step(run: Inference, folder: Path, rows: list[dict]) -> dict:
     images = torch.stack([to_tensor(load_image(folder / r["image"], size)) for r in rows])
     scenes = [Scene.from_dict(r["scene"]) for r in rows]
     detector, recon, pil = reconstruct_and_detect(run.semhitok, images, scenes)
-    judged = [score_geneval(r["geneval"], im)[0] for r, im in zip(rows, pil, strict=True) if r["geneval"]]
+    ceiling = judge_images([r["geneval"] for r in rows], pil)
     return {"psnr": float(psnr(images, recon).mean()), "detector": detector,
-            "geneval_judge": float(np.mean(judged)) if judged else None}  # fmt: skip
+            "geneval_judge": None if ceiling is None else ceiling["overall"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

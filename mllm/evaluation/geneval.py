@@ -255,6 +255,15 @@ def summarize(results: Sequence[dict]) -> dict:
     }
 
 
+def judge_images(entries: Sequence[dict | None], images: Sequence[Image.Image]) -> dict | None:
+    """`summarize` of images judged by the exact detector against their entries (an image whose entry is None is
+    skipped; None when none has one). On tokenizer reconstructions of scenes rendered for GenEval entries it is the
+    ceiling that decoding puts on the GenEval score of anything generated through that tokenizer."""
+    results = [{"tag": e["tag"], "metadata": json.dumps(e, sort_keys=True), "correct": bool(score_geneval(e, im)[0])}
+               for e, im in zip(entries, images, strict=True) if e]  # fmt: skip
+    return summarize(results) if results else None
+
+
 def _mean(values: Sequence[bool]) -> float | None:
     return float(np.mean(values)) if values else None
 
