@@ -145,19 +145,26 @@ class YesNo:
     answer: bool
 
 
+def held_and_lacked(scenes: Sequence[HeldOutScene], n: int, key: Callable, universe: Sequence[str], seed: int,
+                    what: str) -> list[tuple[int, HeldOutScene, str, str]]:  # fmt: skip
+    """For each of the first n / 2 scenes (n even): a value of `key` that one of its objects has and one of `universe`
+    that none has, each uniform (the subjects of a balanced pair of questions)."""
+    if n < 2 or n % 2 or n // 2 > len(scenes):
+        raise DiagnosticsError(f"{n} {what} need an even n >= 2 and n / 2 <= {len(scenes)} scenes")
+    rng, out = np.random.default_rng(seed), []
+    for k, s in enumerate(scenes[: n // 2]):
+        held = sorted({key(o) for o in s.scene.objects})
+        lacked = [v for v in universe if v not in held]
+        out.append((k, s, held[rng.integers(len(held))], lacked[rng.integers(len(lacked))]))
+    return out
+
+
 def balanced_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0,
                        ask: Callable[[str], str] = existence_question) -> list[YesNo]:  # fmt: skip
     """n (even) yes/no questions, one present and one absent category (uniform) for each of the first n / 2 scenes;
     `ask(category)` words each ('red circle' -> the training data's 'Is there a red circle in the image?...')."""
-    if n < 2 or n % 2 or n // 2 > len(scenes):
-        raise DiagnosticsError(f"{n} balanced questions need an even n >= 2 and n / 2 <= {len(scenes)} scenes")
-    rng, out = np.random.default_rng(seed), []
-    for k, s in enumerate(scenes[: n // 2]):
-        present = sorted({o.category for o in s.scene.objects})
-        absent = [c for c in CATEGORIES if c not in present]
-        out += [YesNo(k, ask(present[rng.integers(len(present))]), True),
-                YesNo(k, ask(absent[rng.integers(len(absent))]), False)]  # fmt: skip
-    return out
+    pairs = held_and_lacked(scenes, n, lambda o: o.category, CATEGORIES, seed, "balanced questions")
+    return [q for k, _, present, absent in pairs for q in (YesNo(k, ask(present), True), YesNo(k, ask(absent), False))]
 
 
 @dataclass(frozen=True)
@@ -172,16 +179,10 @@ def count_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0,
     """n (even) count questions, one about a shape the scene holds (answer >= 1) and one about a shape it lacks ("0"),
     shapes uniform, for each of the first n / 2 scenes; `ask(shape)` words each ('star' -> 'How many stars are
     there?...', the training data's wording)."""
-    if n < 2 or n % 2 or n // 2 > len(scenes):
-        raise DiagnosticsError(f"{n} count questions need an even n >= 2 and n / 2 <= {len(scenes)} scenes")
-    rng, out = np.random.default_rng(seed), []
-    for k, s in enumerate(scenes[: n // 2]):
-        held = sorted({o.shape for o in s.scene.objects})
-        lacked = [shape for shape in SHAPES if shape not in held]
-        shape = held[rng.integers(len(held))]
-        out += [CountQuestion(k, ask(shape), str(sum(o.shape == shape for o in s.scene.objects))),
-                CountQuestion(k, ask(lacked[rng.integers(len(lacked))]), "0")]  # fmt: skip
-    return out
+    pairs = held_and_lacked(scenes, n, lambda o: o.shape, SHAPES, seed, "count questions")
+    return [q for k, s, held, lacked in pairs
+            for q in (CountQuestion(k, ask(held), str(sum(o.shape == held for o in s.scene.objects))),
+                      CountQuestion(k, ask(lacked), "0"))]  # fmt: skip
 
 
 @dataclass(frozen=True)
