@@ -5,7 +5,7 @@
         scene's image: AUC of the margin against the true answer for both, mean margins per true answer
     python eval/diagnose.py caption-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
         image NLL (nats per image token) given the true caption, the empty caption and another scene's caption; the
-        gap empty - true (0 = the caption is ignored)
+        gap empty - true per token and per image (0 = the caption is ignored)
     python eval/diagnose.py description-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
         text NLL (nats per token) of each scene's caption as the answer to "Describe the image concisely." with its
         own and with another scene's image; gap = swapped - real (0 = the description ignores the image)

@@ -242,18 +242,23 @@ class DiagnosticSet:
         return {k: result[k] for k in ("questions", "auc", "auc_swapped", *sorted(k for k in result if "margin" in k))}
 
     def caption_dependence(self, model: Scorer) -> dict[str, Any]:
-        """Mean image NLL per image token with the true, the empty and a swapped caption; gap = empty - true."""
+        """Mean image NLL per image token with the true, the empty and a swapped caption; gap = empty - true, per
+        token and per image (summed over its tokens: what the caption tells about the whole image, at most the
+        caption's own information)."""
         scenes = self.scenes[: self.captions]
         swap = derangement(len(scenes))
         shown = {"true": [s.caption for s in scenes], "empty": [""] * len(scenes),
                  "swapped": [scenes[swap[k]].caption for k in range(len(scenes))]}  # fmt: skip
-        means = {}
+        means, sums = {}, {}
         for name, captions in shown.items():
             samples = [self._build(lambda c=c, s=s: self.builder.generation(c, s.image), s.image)
                        for c, s in zip(captions, scenes, strict=True)]  # fmt: skip
-            means[f"nll_{name}"] = float(np.mean([x.image / max(x.n_image, 1) for x in score(model, samples, self.device, self.batch_size)]))
+            nll = score(model, samples, self.device, self.batch_size)
+            means[f"nll_{name}"] = float(np.mean([x.image / max(x.n_image, 1) for x in nll]))
+            sums[name] = float(np.mean([x.image for x in nll]))
         return {"scenes": len(scenes), **means, "gap": means["nll_empty"] - means["nll_true"],
-                "gap_swapped": means["nll_swapped"] - means["nll_true"]}  # fmt: skip
+                "gap_swapped": means["nll_swapped"] - means["nll_true"],
+                "gap_per_image": sums["empty"] - sums["true"]}  # fmt: skip
 
     def description_dependence(self, model: Scorer) -> dict[str, Any]:
         """Mean text NLL per token of each caption scene's description with its own and with a swapped image; gap =

@@ -144,6 +144,7 @@ def test_a_model_that_reads_the_image_and_caption_scores_above_one_that_ignores_
     captions = diag.caption_dependence(Cheat(diag))
     assert captions["scenes"] == 6 and captions["nll_true"] == 1.0 and captions["nll_empty"] == 2.0
     assert captions["gap"] == captions["gap_swapped"] == 1.0
+    assert captions["gap_per_image"] == diag.builder.codes.grid(diag.scenes[0].image).semantic.numel()  # 1 nat a token
     blind = diag.caption_dependence(Cheat(diag, caption=False))
     assert blind["gap"] == blind["gap_swapped"] == 0.0
     described = diag.description_dependence(Cheat(diag))
