@@ -46,6 +46,12 @@ COMMANDS = {  # command -> (help, default --n, what --n counts)
 }
 
 
+WORDINGS = {  # command -> (the placeholder of its --question, what goes there, an example of it, an example wording)
+    "image-dependence": ("{object}", with_article, "a red circle", "Can you see {object}?"),
+    "counts": ("{shapes}", plural, "stars", "How many {shapes} do you see?"),
+}
+
+
 def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -63,21 +69,14 @@ def build_parser() -> Parser:
         c.add_argument("--precision", default="auto", choices=PRECISIONS)
         c.add_argument("--seed", type=int, default=0, help="which categories the questions ask about")
         if command in WORDINGS:
-            example = {"image-dependence": "Can you see {object}?", "counts": "How many {shapes} do you see?"}[command]
-            c.add_argument("--question", metavar="TEMPLATE", help=f'another wording, e.g. "{example}"')
+            c.add_argument("--question", metavar="TEMPLATE", help=f'another wording, e.g. "{WORDINGS[command][3]}"')
         add_trust_remote_code_arg(c)
     return p
 
 
-WORDINGS = {  # command -> (the placeholder of its --question, what goes there, an example of it)
-    "image-dependence": ("{object}", with_article, "a red circle"),
-    "counts": ("{shapes}", plural, "stars"),
-}
-
-
 def wording(command: str, template: str) -> Callable[[str], str]:
     """--question TEMPLATE -> subject -> question ('{object}' becomes 'a red circle', '{shapes}' 'stars')."""
-    placeholder, fill, example = WORDINGS[command]
+    placeholder, fill, example, _ = WORDINGS[command]
     if template.count(placeholder) != 1:
         raise DiagnosticsError(f"--question needs exactly one {placeholder} (where '{example}' goes), got {template!r}")
     return lambda subject: template.replace(placeholder, fill(subject))

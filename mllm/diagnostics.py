@@ -181,7 +181,7 @@ def count_questions(scenes: Sequence[HeldOutScene], n: int, seed: int = 0,
     there?...', the training data's wording)."""
     pairs = held_and_lacked(scenes, n, lambda o: o.shape, SHAPES, seed, "count questions")
     return [q for k, s, held, lacked in pairs
-            for q in (CountQuestion(k, ask(held), str(sum(o.shape == held for o in s.scene.objects))),
+            for q in (CountQuestion(k, ask(held), str(s.scene.count(held))),
                       CountQuestion(k, ask(lacked), "0"))]  # fmt: skip
 
 
@@ -333,8 +333,9 @@ def build_diagnostic_set(folder: str | Path, semhitok: SemHiTok, tokenizer, voca
                          count_ask: Callable[[str], str] = count_question) -> DiagnosticSet:  # fmt: skip
     """The held-out set of a synthetic folder: `questions` balanced yes/no questions (over questions / 2 scenes),
     `captions` scenes and `counts` count questions (over counts / 2 scenes; 0: none), their images encoded once by
-    `semhitok` (`ask` words the yes/no questions: `balanced_questions`, `count_ask` the count questions); samples rendered with `template`, the system
-    prompt `system`, the generation `prompt` and `max_length` as in training. DiagnosticsError for bad data or sizes."""
+    `semhitok` (`ask` words the yes/no questions: `balanced_questions`, `count_ask` the count questions); samples
+    rendered with `template`, the system prompt `system`, the generation `prompt` and `max_length` as in training.
+    DiagnosticsError for bad data or sizes."""
     if questions < 2 or questions % 2 or captions < 2 or counts < 0 or counts % 2:
         raise DiagnosticsError(f"the yes/no questions must be an even number >= 2, the caption scenes >= 2 and the count "
                                f"questions an even number >= 0, got {questions}, {captions} and {counts}")  # fmt: skip

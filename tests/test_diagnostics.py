@@ -16,8 +16,8 @@ from mllm.diagnostics import (
     DiagnosticsError,
     auc,
     balanced_questions,
-    count_questions,
     build_diagnostic_set,
+    count_questions,
     derangement,
     read_scenes,
 )

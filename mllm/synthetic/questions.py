@@ -230,7 +230,7 @@ def mme_pairs(scene: Scene, rng: np.random.Generator) -> dict[str, tuple[str, st
     yes, no = _existence(scene, rng)
     pairs = {"existence": (f"Is there {with_article(yes)} in this image?", f"Is there {with_article(no)} in this image?")}
     shape = _choice(rng, scene.objects).shape
-    n = sum(o.shape == shape for o in scene.objects)
+    n = scene.count(shape)
     pairs["count"] = (
         _count_question(n, shape),
         _count_question(_choice(rng, [m for m in range(1, 6) if m != n]), shape),
@@ -386,7 +386,7 @@ def _ask_count(scene: Scene, rng: np.random.Generator, locked: set, stats: Categ
         return None
     shape = _choice(rng, sides[int(rng.random() < 0.5)])
     locked.add(shape)
-    return count_question(shape), str(sum(o.shape == shape for o in scene.objects))
+    return count_question(shape), str(scene.count(shape))
 
 
 def _ask_color(scene: Scene, rng: np.random.Generator, locked: set, stats: CategoryStats) -> QA | None:

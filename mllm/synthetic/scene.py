@@ -73,6 +73,10 @@ class Scene:
     objects: tuple[SceneObject, ...]
     background: Background
 
+    def count(self, shape: str) -> int:
+        """How many of its objects have this shape."""
+        return sum(o.shape == shape for o in self.objects)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

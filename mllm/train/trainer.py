@@ -308,8 +308,9 @@ class MLLMTrainer(Trainer):
         try:
             semhitok = SemHiTok.from_pretrained(self.run.model.semhitok).to(device)
             return build_diagnostic_set(d.data, semhitok, tokenizer, self.vocab, questions=d.questions,
-                                        captions=d.captions, counts=d.counts, template=data.template, system=self.run.model.system_prompt,
-                                        prompt=data.prompt, max_length=data.max_length, device=device)  # fmt: skip
+                                        captions=d.captions, counts=d.counts, template=data.template,
+                                        system=self.run.model.system_prompt, prompt=data.prompt,
+                                        max_length=data.max_length, device=device)  # fmt: skip
         except ValueError as err:  # DiagnosticsError, ConversationError, a bad SemHiTok folder
             raise ConfigError(f"train.diagnose.data: {err}") from None
 
