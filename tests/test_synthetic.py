@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from mllm.synthetic import (
     GENEVAL_TAGS,
     MME_CATEGORIES,
     POPE_STRATEGIES,
+    SHAPES,
     SHORT_ANSWER,
     TEXTURES,
     CategoryStats,
@@ -39,6 +41,7 @@ from mllm.synthetic import (
     sample_scene,
     scene_for_entry,
     score_geneval,
+    shape_accuracy,
 )
 from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.detector import foreground_mask, rgb_to_lab
@@ -322,6 +325,19 @@ def test_detector_is_exact_on_clean_renders(renders, size):
     acc = detection_accuracy(data, [detect(im) for im in images[size]])
     print(f"\ndetector clean {size}px, {len(data)} scenes: {acc}")
     assert min(acc.values()) >= 0.99, acc
+
+
+def test_shape_accuracy_names_the_shape_a_decoder_loses(renders):
+    """Per true shape: exact on clean renders; a decoder that draws every star as a cross fails stars alone."""
+    data, images = renders
+    detections = [detect(im) for im in images[64]]
+    clean = shape_accuracy(data, detections)
+    assert set(clean) == set(SHAPES) and min(clean.values()) >= 0.98, clean
+    crossed = [[replace(d, shape="cross") if d.shape == "star" else d for d in dets] for dets in detections]
+    acc = shape_accuracy(data, crossed)
+    assert acc["star"] == 0.0 and all(acc[k] == clean[k] for k in SHAPES if k != "star"), acc
+    stars = sum(o.shape == "star" for s in data for o in s.objects) / sum(len(s.objects) for s in data)
+    assert detection_accuracy(data, crossed)["shape"] <= 1 - stars + 1e-9
 
 
 @pytest.mark.parametrize("kind", ["blur", "jpeg75", "noise", "color_shift"])

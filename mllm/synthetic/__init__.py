@@ -13,6 +13,7 @@ from mllm.synthetic.detector import (
     judge_geneval,
     match_objects,
     score_geneval,
+    shape_accuracy,
 )
 from mllm.synthetic.questions import (
     GENEVAL_TAGS,
@@ -87,4 +88,5 @@ __all__ = [
     "sample_scene",
     "scene_for_entry",
     "score_geneval",
+    "shape_accuracy",
 ]

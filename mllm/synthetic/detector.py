@@ -256,10 +256,20 @@ def detection_accuracy(scenes: Sequence[Scene], detections: Sequence[Sequence[De
     return {k: float(np.mean(v)) if v else 1.0 for k, v in hits.items()}
 
 
+def shape_accuracy(scenes: Sequence[Scene], detections: Sequence[Sequence[DetectedObject]]) -> dict[str, float]:
+    """The `shape` of `detection_accuracy` per true shape (SHAPES order; shapes no scene holds are left out): which
+    shapes a decoder draws so that they are recognised."""
+    hits: dict[str, list[bool]] = {shape: [] for shape in SHAPES}
+    for scene, dets in zip(scenes, detections, strict=True):
+        for obj, det in zip(scene.objects, match_objects(scene, dets), strict=True):
+            hits[obj.shape].append(det is not None and det.shape == obj.shape)
+    return {k: float(np.mean(v)) for k, v in hits.items() if v}
+
+
 def reconstruct_and_detect(tokenizer, images, scenes: Sequence[Scene], batch_size: int = 64):
     """What the exact detector still reads after a tokenizer's encode -> decode: images (N, 3, H, W) in [-1, 1] of
-    `scenes` -> ({"count", "shape", "color", "position"}: `detection_accuracy`, reconstructions (N, 3, H, W) clamped
-    to [-1, 1], PIL reconstructions). The ceiling that decoding puts on generation."""
+    `scenes` -> ({"count", "shape", "color", "position"}: `detection_accuracy`, and "shape_<shape>": `shape_accuracy`;
+    reconstructions (N, 3, H, W) clamped to [-1, 1]; PIL reconstructions). The ceiling decoding puts on generation."""
     import torch
 
     from semhitok.runtime import to_pil
@@ -269,4 +279,6 @@ def reconstruct_and_detect(tokenizer, images, scenes: Sequence[Scene], batch_siz
         recon = torch.cat([tokenizer.decode(tokenizer.encode(chunk.to(device))).clamp(-1, 1).cpu()
                            for chunk in images.split(batch_size)])  # fmt: skip
     pil = [to_pil(x) for x in recon]
-    return detection_accuracy(scenes, [detect(im) for im in pil]), recon, pil
+    detections = [detect(im) for im in pil]
+    by_shape = {f"shape_{k}": v for k, v in shape_accuracy(scenes, detections).items()}
+    return {**detection_accuracy(scenes, detections), **by_shape}, recon, pil
