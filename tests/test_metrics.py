@@ -320,7 +320,9 @@ def test_reconstruction_on_a_synthetic_render_reports_the_exact_detector(tmp_pat
             return x
 
     exact, ceiling = script.synthetic_detection(Codec(False), render, None, 4)
-    assert exact == {"count": 1.0, "shape": 1.0, "color": 1.0, "position": 1.0}
+    assert {k: v for k, v in exact.items() if not k.startswith("shape_")} == {"count": 1.0, "shape": 1.0, "color": 1.0,
+                                                                         "position": 1.0}  # fmt: skip
+    assert all(v == 1.0 for k, v in exact.items() if k.startswith("shape_")), exact  # per shape present
     assert ceiling["overall"] == 1.0 and ceiling["images"] == 3  # the render's odd scenes are built for GenEval entries
     swapped, ceiling = script.synthetic_detection(Codec(True), render, None, 4)
     assert swapped["color"] < 1.0 and ceiling["overall"] < 1.0
@@ -328,7 +330,7 @@ def test_reconstruction_on_a_synthetic_render_reports_the_exact_detector(tmp_pat
     script.main([str(a) for a in ["--checkpoint", REPO / "mllm" / "demo" / "tokenizer", "--synthetic", render, "--out", out,
                                   "--no-fid", "--limit", "4"]])  # fmt: skip
     results = json.loads((out / "results.json").read_text())
-    assert results["num_images"] == 4 and set(results["detector"]) == {"count", "shape", "color", "position"}
+    assert results["num_images"] == 4 and {"count", "shape", "color", "position"} <= set(results["detector"])
     assert "detector/shape" in capsys.readouterr().out and 0 <= results["geneval_ceiling"]["overall"] <= 1
     args = ["--checkpoint", REPO / "mllm" / "demo" / "tokenizer", "--synthetic", render, "--out", out, "--no-fid",
             "--limit", "4"]  # fmt: skip

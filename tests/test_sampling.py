@@ -26,15 +26,18 @@ from mllm.model import FactorizedImageHead, MLLMConfig, SemHiTokLM
 from mllm.sampling import (
     ChatSession,
     DecodingRows,
+    draw_image_index,
     InferenceError,
     SamplingConfig,
     filter_logits,
     generate_images,
     generate_text,
+    generation_prompts,
     images_per_call,
     kv_cache_bytes,
     left_pad,
     load_for_inference,
+    make_generators,
     model_template,
     row_bytes,
     sample_image_ids,
@@ -459,15 +462,41 @@ def test_bf16_inference_keeps_cache_and_guidance_exact_within_its_precision(worl
     assert not load_for_inference(world / "mllm", "cpu", precision="fp32").precision.bf16
 
 
+def greedy_decisions(run, captions: list[str], cfg: SamplingConfig, forced: torch.Tensor | None = None):
+    """The greedy image-index decision at every position, as `sample_image_ids` makes it, with the context fed
+    either the model's own decisions (forced None: free greedy decoding) or `forced` (P, T) indices (teacher
+    forcing: each decision given the same prefix). -> (P, T) decisions."""
+    model = run.model
+    cond, uncond = generation_prompts(model, captions, cfg, run.tokenizer)
+    boi = torch.tensor([model.vocab.boi_id])
+    ids, mask = left_pad([torch.cat([r, boi]) for r in cond + [uncond] * len(cond)], model.vocab.boi_id)
+    rows, generators = DecodingRows(model), make_generators(0, len(cond), ids.device)
+    steps = model.config.image_grid[0] * model.config.image_grid[1]
+    out = torch.empty(len(cond), steps, dtype=torch.long)
+    with torch.no_grad():
+        hidden = rows.start(ids, mask)
+        for t in range(steps):
+            out[:, t] = draw_image_index(model, hidden, cfg.cfg_scale, cfg, generators, True)
+            fed = out[:, t] if forced is None else forced[:, t]
+            hidden = rows.step_embeds(model.index_embeds(fed).to(hidden.dtype).repeat(2, 1))
+    return out
+
+
 def test_bf16_agrees_with_fp32_on_the_shipped_demo_model():
-    """Greedy decoding of the shipped demo checkpoint in bf16 vs fp32. Measured here: 98.4 % of image ids equal (4
-    prompts, 256 ids) and 12 / 12 answers equal; asserted with margin: >= 90 % of ids, >= 3 of 4 answers."""
+    """Greedy decoding of the shipped demo checkpoint in bf16 vs fp32. Free-running greedy paths part at the first
+    near-tie (the trained model's first image ids are near-ties among background codes: the paths split at
+    position 0-1), so image ids are compared teacher-forced: each bf16 decision given fp32's own greedy prefix.
+    Measured here: 96.5 % of those decisions equal (4 prompts x 64 ids); asserted with margin: >= 85 %; and >= 3 of
+    4 answers equal."""
     runs = {p: load_for_inference(DEMO, "cpu", precision=p) for p in ("fp32", "bf16")}
-    prompts = ["a photo of a red circle", "a photo of two blue squares"]
+    prompts = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green star",
+               "a photo of a yellow cross above a blue circle"]  # fmt: skip
     greedy = SamplingConfig(temperature=0.0, cfg_scale=3.0)
-    ids = {p: r.model.vocab.to_ids(generate_images(r.model, prompts, greedy, tokenizer=r.tokenizer))
-           for p, r in runs.items()}  # fmt: skip
-    assert (ids["fp32"] == ids["bf16"]).float().mean() >= 0.9
+    reference = greedy_decisions(runs["fp32"], prompts, greedy)
+    assert torch.equal(greedy_decisions(runs["fp32"], prompts, greedy, forced=reference), reference)
+    agreement = (greedy_decisions(runs["bf16"], prompts, greedy, forced=reference) == reference).float().mean()
+    print(f"\nbf16 vs fp32 teacher-forced greedy image decisions: {agreement:.3f}")
+    assert agreement >= 0.85
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     answers = {}
     for p, r in runs.items():
