@@ -26,9 +26,9 @@ from mllm.model import FactorizedImageHead, MLLMConfig, SemHiTokLM
 from mllm.sampling import (
     ChatSession,
     DecodingRows,
-    draw_image_index,
     InferenceError,
     SamplingConfig,
+    draw_image_index,
     filter_logits,
     generate_images,
     generate_text,
