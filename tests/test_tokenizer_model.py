@@ -464,6 +464,26 @@ def test_an_enhance_decoder_of_the_same_shape_starts_from_stage_2s_decoder():
         assert (before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)) == carried
         assert model.config.pixel.use_enhance_decoder and all(p.requires_grad for p in model.pixel_decoder.parameters())
 
+
+def test_an_enhance_decoder_may_take_its_own_channel_profile(images, tmp_path):
+    """`enhance_ch_mult` narrows the low-resolution levels of a wide enhance decoder (the parameters sit there); it
+    survives save / load and must keep the number of levels (the upsampling)."""
+    torch.manual_seed(0)
+    mult = (1,) * len(TINY.pixel.ch_mult)
+    cfg = replace(TINY, pixel=replace(TINY.pixel, enhance_ch_mult=mult))
+    model, default = SemHiTok(cfg), SemHiTok(TINY)
+    for m in (model, default):
+        m.use_enhance_decoder()
+    ch = TINY.pixel.enhance_ch
+    widths = {c.out_channels for c in model.pixel_decoder.modules() if isinstance(c, torch.nn.Conv2d)}
+    assert widths == {ch, 3 * ch, 3}  # every level at enhance_ch (3 * ch: the attention's qkv), then RGB
+    assert sum(p.numel() for p in model.pixel_decoder.parameters()) < sum(p.numel() for p in default.pixel_decoder.parameters())
+    assert model.decode(model.encode(images)).shape == images.shape
+    model.save_pretrained(tmp_path / "ckpt")
+    assert SemHiTok.from_pretrained(tmp_path / "ckpt").config.pixel.enhance_ch_mult == mult
+    with pytest.raises(ValueError, match="enhance_ch_mult"):
+        replace(TINY.pixel, enhance_ch_mult=(*mult, 1))
+
 def test_overfit_one_batch(images):
     torch.manual_seed(0)
     model = SemHiTok(TINY)

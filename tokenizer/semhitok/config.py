@@ -118,11 +118,15 @@ class PixelConfig:
     num_res_blocks: int = 2
     enhance_ch: int = 256
     enhance_num_res_blocks: int = 4
+    enhance_ch_mult: tuple[int, ...] | None = None  # the enhance decoder's own ch_mult (same length); None = ch_mult
     use_enhance_decoder: bool = False  # set by SemHiTok.use_enhance_decoder() (stage 2b)
 
     def __post_init__(self) -> None:
         _check(self.width % self.heads == 0, f"pixel.width {self.width} not divisible by heads {self.heads}")
         _check(len(self.ch_mult) >= 1, "pixel.ch_mult must not be empty")
+        _check(self.enhance_ch_mult is None or len(self.enhance_ch_mult) == len(self.ch_mult),
+               f"pixel.enhance_ch_mult {self.enhance_ch_mult} must have as many levels as ch_mult {self.ch_mult} "
+               "(the same upsampling)")
 
     @property
     def downsample(self) -> int:

@@ -112,8 +112,9 @@ def build_pixel_encoder(cfg: SemHiTokConfig) -> nn.Module:
 
 def build_pixel_decoder(cfg: SemHiTokConfig) -> Decoder:
     p = cfg.pixel
-    ch, blocks = (p.enhance_ch, p.enhance_num_res_blocks) if p.use_enhance_decoder else (p.ch, p.num_res_blocks)
-    return Decoder(ch, p.ch_mult, blocks, p.semantic_proj_dim + p.d_pix)
+    if p.use_enhance_decoder:
+        return Decoder(p.enhance_ch, p.enhance_ch_mult or p.ch_mult, p.enhance_num_res_blocks, p.semantic_proj_dim + p.d_pix)
+    return Decoder(p.ch, p.ch_mult, p.num_res_blocks, p.semantic_proj_dim + p.d_pix)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -194,7 +195,7 @@ class SemHiTok(nn.Module):
 
     def use_enhance_decoder(self) -> None:
         """Stage 2b: replace the pixel decoder by the enhance decoder, freeze everything else. A wider enhance decoder
-        starts fresh; one of the same shape as stage 2's (`enhance_ch == ch`, same res blocks) starts from stage 2's
+        starts fresh; one of the same shape as stage 2's (`enhance_ch == ch`, same res blocks and ch_mult) starts from stage 2's
         weights, so 2b is then a decoder-only fine-tune on the frozen codes."""
         self.config = replace(self.config, pixel=replace(self.config.pixel, use_enhance_decoder=True))
         old = self.pixel_decoder

@@ -72,8 +72,8 @@ RESUMABLE_CHANGES = ("out_dir", "train.precision", "train.steps", "train.log_eve
 # Model-config keys a stage takes from its own run config although its weights come from `init_from`.
 FRESH_FROM_RUN = MappingProxyType({
     "2": ("pixel", "quantizer", "loss", "teacher.path", "semantic.init_from_teacher"),  # copies the semantic branch
-    "2b": ("pixel.use_enhance_decoder", "pixel.enhance_ch", "pixel.enhance_num_res_blocks", "loss", "teacher.path",
-           "semantic.init_from_teacher"),  # copies everything but the (new) enhance decoder
+    "2b": ("pixel.use_enhance_decoder", "pixel.enhance_ch", "pixel.enhance_num_res_blocks", "pixel.enhance_ch_mult", "loss",
+           "teacher.path", "semantic.init_from_teacher"),  # copies everything but the (new) enhance decoder
 })
 
 
