@@ -13,7 +13,6 @@ from mllm.synthetic.detector import (
     judge_geneval,
     match_objects,
     score_geneval,
-    shape_accuracy,
 )
 from mllm.synthetic.questions import (
     GENEVAL_TAGS,
@@ -88,5 +87,4 @@ __all__ = [
     "sample_scene",
     "scene_for_entry",
     "score_geneval",
-    "shape_accuracy",
 ]

@@ -239,36 +239,31 @@ def match_objects(scene: Scene, detections: Sequence[DetectedObject]) -> list[De
 
 def detection_accuracy(scenes: Sequence[Scene], detections: Sequence[Sequence[DetectedObject]]) -> dict[str, float]:
     """Accuracy in [0, 1] per attribute. count: scenes with exactly as many detections as objects; shape, color:
-    objects whose matched detection has them; position: ordered object pairs whose GenEval relations match."""
+    objects whose matched detection has them; position: ordered object pairs whose GenEval relations match. Plus
+    "shape_<shape>": the shape accuracy per true shape (SHAPES order; shapes no scene holds are left out), which
+    shapes a decoder draws so that they are recognised."""
     hits = {"count": [], "shape": [], "color": [], "position": []}
+    by_shape: dict[str, list[bool]] = {shape: [] for shape in SHAPES}
     for scene, dets in zip(scenes, detections, strict=True):
         matched = match_objects(scene, dets)
         hits["count"].append(len(dets) == len(scene.objects))
         for obj, det in zip(scene.objects, matched, strict=True):
             hits["shape"].append(det is not None and det.shape == obj.shape)
             hits["color"].append(det is not None and det.color == obj.color)
+            by_shape[obj.shape].append(hits["shape"][-1])
         for i, (a, da) in enumerate(zip(scene.objects, matched, strict=True)):
             for b, db in zip(scene.objects[i + 1 :], matched[i + 1 :], strict=True):
                 same = da is not None and db is not None
                 hits["position"].append(
                     same and relative_position(da.bbox, db.bbox) == relative_position(a.bbox, b.bbox)
                 )
+    hits |= {f"shape_{k}": v for k, v in by_shape.items() if v}
     return {k: float(np.mean(v)) if v else 1.0 for k, v in hits.items()}
-
-
-def shape_accuracy(scenes: Sequence[Scene], detections: Sequence[Sequence[DetectedObject]]) -> dict[str, float]:
-    """The `shape` of `detection_accuracy` per true shape (SHAPES order; shapes no scene holds are left out): which
-    shapes a decoder draws so that they are recognised."""
-    hits: dict[str, list[bool]] = {shape: [] for shape in SHAPES}
-    for scene, dets in zip(scenes, detections, strict=True):
-        for obj, det in zip(scene.objects, match_objects(scene, dets), strict=True):
-            hits[obj.shape].append(det is not None and det.shape == obj.shape)
-    return {k: float(np.mean(v)) for k, v in hits.items() if v}
 
 
 def reconstruct_and_detect(tokenizer, images, scenes: Sequence[Scene], batch_size: int = 64):
     """What the exact detector still reads after a tokenizer's encode -> decode: images (N, 3, H, W) in [-1, 1] of
-    `scenes` -> ({"count", "shape", "color", "position"}: `detection_accuracy`, and "shape_<shape>": `shape_accuracy`;
+    `scenes` -> (`detection_accuracy`: count, shape, color, position and shape_<shape>;
     reconstructions (N, 3, H, W) clamped to [-1, 1]; PIL reconstructions). The ceiling decoding puts on generation."""
     import torch
 
@@ -279,6 +274,4 @@ def reconstruct_and_detect(tokenizer, images, scenes: Sequence[Scene], batch_siz
         recon = torch.cat([tokenizer.decode(tokenizer.encode(chunk.to(device))).clamp(-1, 1).cpu()
                            for chunk in images.split(batch_size)])  # fmt: skip
     pil = [to_pil(x) for x in recon]
-    detections = [detect(im) for im in pil]
-    by_shape = {f"shape_{k}": v for k, v in shape_accuracy(scenes, detections).items()}
-    return {**detection_accuracy(scenes, detections), **by_shape}, recon, pil
+    return detection_accuracy(scenes, [detect(im) for im in pil]), recon, pil

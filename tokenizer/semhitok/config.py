@@ -222,6 +222,7 @@ ADDED_KEYS: Mapping[tuple[str, str], Any] = types.MappingProxyType({
     ("semantic", "target_dims"): SemanticConfig.target_dims,
     ("semantic", "target_fit_images"): SemanticConfig.target_fit_images,
     ("loss", "perceptual_image_size"): 299,
+    ("pixel", "enhance_ch_mult"): None,
 })  # fmt: skip
 
 
