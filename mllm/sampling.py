@@ -31,6 +31,7 @@ indexing, no check of a tensor's values, HF's attention mask passed built), so a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mllm.assets import resolve_reference
 from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
 from mllm.conversation import (
     GPT,
@@ -51,7 +53,7 @@ from mllm.conversation import (
     get_template,
     tokenize_prompt,
 )
-from mllm.model import CONFIG_NAME, SemHiTokLM
+from mllm.model import CONFIG_NAME, SemHiTokLM, read_config
 from mllm.vocab import VisualVocab
 from semhitok import SemHiTok, TokenGrid
 from semhitok.runtime import ResolvedPrecision, load_image, resolve_precision, to_tensor
@@ -505,6 +507,7 @@ class Inference:
     tokenizer: Any
     semhitok: SemHiTok
     precision: ResolvedPrecision | None = None
+    origin: str = ""  # `checkpoint_fingerprint` of the folders it was loaded from, and the precision; "" = unknown
 
     def encode_image(self, path: str | Path) -> Tensor:
         """Image file -> (1, h·w) image ids. ImageLoadError (one line) for a missing or unreadable file."""
@@ -536,4 +539,18 @@ def load_for_inference(directory: str | Path, device: str | torch.device = "cpu"
     device = torch.device(device)
     resolved = resolve_precision(precision, device)
     model.prepare_for_decoding(device, torch.bfloat16 if resolved.bf16 else None)
-    return Inference(model, model.load_text_tokenizer(), semhitok.to(device).eval(), resolved)
+    origin = f"{checkpoint_fingerprint(folder)} {'bf16' if resolved.bf16 else 'fp32'}"
+    return Inference(model, model.load_text_tokenizer(), semhitok.to(device).eval(), resolved, origin)
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """A short hash of what an MLLM checkpoint folder and its SemHiTok folder hold (every file's relative path, size and
+    modification time: cheap for any model size, and new whenever a file is rewritten), so that outputs made from one
+    checkpoint are never taken for another's."""
+    folder = Path(folder)
+    digest = hashlib.sha1()
+    for root in (folder, Path(resolve_reference(read_config(folder / CONFIG_NAME).semhitok, folder))):
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

@@ -16,6 +16,7 @@ and writes everything under --out (report.json has every number and setting). Un
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -27,8 +28,11 @@ import torch
 
 from mllm.cli import checkpoint_dir, load, one_line_errors, save_images
 from mllm.evaluation.geneval import (
+    StaleImagesError,
+    claim_folder,
     format_summary,
     generate,
+    image_origin,
     judge_images,
     score_folder,
     synthetic_metadata,
@@ -84,6 +88,10 @@ def questions_step(run: Inference, folder: Path, rows: list[dict], n: int, seed:
 def geneval_step(run: Inference, out: Path, n_prompts: int, seed: int) -> dict:
     """The synthetic GenEval, as many prompts per decoding call as half the free memory holds (`prompts_per_call`)."""
     entries = synthetic_metadata(n_prompts, seed)
+    try:
+        claim_folder(out / "geneval", image_origin(run, GENERATION))
+    except StaleImagesError:  # the demo's images are its own: made by another checkpoint, they are made again
+        shutil.rmtree(out / "geneval")
     write_metadata(out / "geneval" / "metadata.jsonl", entries)
     generate(run, entries, out / "geneval", 1, GENERATION)
     scored = score_folder(out / "geneval")

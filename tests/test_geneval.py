@@ -17,6 +17,8 @@ from PIL import Image
 import mllm.evaluation.geneval
 from mllm.evaluation.geneval import (
     NOT_SCORABLE,
+    ORIGIN_NAME,
+    StaleImagesError,
     generate,
     load_metadata,
     score_folder,
@@ -104,6 +106,31 @@ def test_checkpoint_prompts_per_call_follow_the_memory_budget_and_never_change_t
     assert generate(run, entries, tmp_path / "auto", 2, cfg) == [1, 3] and calls == [1, 1]  # one call per stretch
     assert [f.read_bytes() for f in sorted((tmp_path / "auto").rglob("*.png"))] == [
         f.read_bytes() for f in folders["max4"]]  # fmt: skip
+
+
+def test_a_folder_keeps_the_images_of_one_checkpoint_and_sampling_setting(tmp_path):
+    """Resuming into a folder made by another checkpoint (retrained, repackaged: any file rewritten) or with other
+    sampling settings is refused with a one-line error, as is a folder of images of unknown origin; the same
+    checkpoint and settings resume, and batching settings do not count."""
+    world = save_tiny_world(tmp_path / "world") / "mllm"
+    entries, cfg = synthetic_metadata(2, seed=2), SamplingConfig(seed=3, top_k=10)
+    run = load_for_inference(world)
+    assert run.origin and load_for_inference(world).origin == run.origin  # the same files: the same origin
+    generate(run, entries, tmp_path / "a", 1, cfg)
+    assert generate(run, entries, tmp_path / "a", 1, replace(cfg, max_batch=1)) == []
+    with pytest.raises(StaleImagesError, match="another sampling"):
+        generate(run, entries, tmp_path / "a", 1, replace(cfg, cfg_scale=5.0))
+    parts = world / "mllm_parts.safetensors"
+    parts.write_bytes(parts.read_bytes())  # rewritten (same bytes, new time): as packaging does
+    with pytest.raises(StaleImagesError, match="another checkpoint"):
+        generate(load_for_inference(world), entries, tmp_path / "a", 1, cfg)
+    (tmp_path / "a" / ORIGIN_NAME).unlink()
+    with pytest.raises(StaleImagesError, match="unknown origin"):
+        generate(run, entries, tmp_path / "a", 1, cfg)
+    meta = tmp_path / "meta.jsonl"
+    write_metadata(meta, entries)
+    out = run_script("generate", "--metadata", meta, "--out", tmp_path / "a", "--checkpoint", world)
+    assert out.returncode == 2 and "unknown origin" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_exact_scenes_score_one_and_backgrounds_zero(tmp_path):

@@ -95,6 +95,39 @@ def sample_path(out: str | Path, index: int, k: int) -> Path:
     return prompt_dir(out, index) / "samples" / f"{k:04d}.png"
 
 
+ORIGIN_NAME = "generation.json"  # which checkpoint and sampling settings made a folder's images
+IMAGE_SETTINGS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "seed")  # SamplingConfig fields that
+# change the images (batching never does)
+
+
+class StaleImagesError(ValueError):
+    """An output folder holds images made by another checkpoint or other sampling settings."""
+
+
+def image_origin(run: Inference, cfg: SamplingConfig) -> dict:
+    """What makes a folder's images what they are: the checkpoint (`Inference.origin`) and the sampling settings."""
+    return {"checkpoint": run.origin, "sampling": {k: getattr(cfg, k) for k in IMAGE_SETTINGS}}
+
+
+def claim_folder(out: str | Path, origin: dict) -> None:
+    """Record `origin` in out/generation.json, or check that it is the one recorded: resuming into a folder whose
+    images came from another checkpoint (e.g. after retraining or repackaging) or other sampling settings would mix
+    or silently reuse them. A folder with finished prompts and no record (older runs) is refused too."""
+    out, record = Path(out), Path(out) / ORIGIN_NAME
+    if record.is_file():
+        old = json.loads(record.read_text() or "null")
+        if old != origin:
+            what = "checkpoint" if not isinstance(old, dict) or old.get("checkpoint") != origin["checkpoint"] else "sampling"
+            raise StaleImagesError(f"{out} holds images made with another {what} ({ORIGIN_NAME}: {old}, now {origin}): "
+                                   "use a new --out folder or delete this one")  # fmt: skip
+        return
+    if any(out.glob("[0-9]*/samples/*.png")):
+        raise StaleImagesError(f"{out} holds images of unknown origin (no {ORIGIN_NAME}): use a new --out folder or "
+                               "delete this one")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(origin) + "\n")
+
+
 def is_complete(out: str | Path, index: int, entry: dict, n: int) -> bool:
     """True when the prompt folder holds this entry's metadata and samples 0..n-1."""
     meta = prompt_dir(out, index) / "metadata.jsonl"
@@ -142,10 +175,13 @@ def generate(source: Inference | Generator, entries: Sequence[dict], out: str | 
              cfg: SamplingConfig = DEFAULT_SAMPLING, batch: int | None = None, grid: bool = True) -> list[int]:  # fmt: skip
     """Generate `n_per_prompt` images for each entry into GenEval's layout, `batch` prompts per call (None: from a
     checkpoint, as many as one decoding call holds, `prompts_per_call`; from a Generator, 1). Resumable: prompt
-    folders already complete are skipped, and each call's folders are written when it returns. Image k of entry i
+    folders already complete are skipped, and each call's folders are written when it returns; a folder holds the
+    images of one checkpoint and sampling setting (`claim_folder`). Image k of entry i
     is drawn with seed cfg.seed + i·n + k whatever the batch size (row r of a call is seeded seed + r). Returns the
     indices generated in this call."""
     generate_fn = model_generator(source, cfg) if isinstance(source, Inference) else source
+    if isinstance(source, Inference) and source.origin:
+        claim_folder(out, image_origin(source, cfg))
     todo = [i for i, e in enumerate(entries) if not is_complete(out, i, e, n_per_prompt)]
     if batch is None:
         prompts = [entries[i]["prompt"] for i in todo]
