@@ -10,7 +10,9 @@
       student: encode/decode never run the teacher);
     - LlamaGen's VQ-16 tokenizer shape with random weights, built from the same library's VQGAN CNN modules (encoder
       and decoder ch 128, ch_mult 1,1,2,2,4, 2 res blocks, z 256; 16384 l2-normalised codes of dim 8; 16x16 tokens):
-      the tokenizer LlamaGen's GPT models generate for. Ratio = SemHiTok's images/s over LlamaGen's.
+      the tokenizer LlamaGen's GPT models generate for. Ratio = SemHiTok's images/s over LlamaGen's, at the same
+      precision, and each as its pipeline runs it: ours in bf16 (`precision: auto` on a bf16 device) vs LlamaGen's
+      VQ model in fp32 (as its sample scripts load it), like bench/generate.py's LlamaGen baseline.
 (b) the stage-2 code search, hierarchical vs flat over the same K*m vocabulary, with the library's quantizer classes
     in eval mode on the same latents (a batch of 16x16 grids):
     - "texture": `SubCodebookQuantizer` (given the semantic indices, nearest of the m codes of row i) vs
@@ -153,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         for op in ("encode", "decode"):
             ours, theirs = (codec[f"{n}_{precision}_{op}_img_per_s"] for n in ("semhitok", "llamagen"))
             print(f"  {precision:<10}{op:<8}{ours:>16.2f}{theirs:>16.2f}{ours / theirs:>7.2f}x")
+    if {"fp32", "bf16"} <= set(args.precisions.split(",")):
+        ratios = {op: codec[f"semhitok_bf16_{op}_img_per_s"] / codec[f"llamagen_fp32_{op}_img_per_s"]
+                  for op in ("encode", "decode")}  # fmt: skip
+        codec |= {f"pipeline_{op}_ratio": r for op, r in ratios.items()}
+        print(f"  each as its pipeline runs it (ours bf16 under precision: auto; LlamaGen's sample scripts run the VQ "
+              f"model in fp32): encode {ratios['encode']:.2f}x, decode {ratios['decode']:.2f}x")
     print(f"\n(b) code search, K={cfg.K} m={cfg.m} d_sem={cfg.semantic.d_sem} d_pix={cfg.pixel.d_pix}, "
           f"{args.lookup_batch}x{cfg.grid}x{cfg.grid} patches")
     print(f"  {'search':<9}{'hierarchical ms':>17}{'flat ms':>11}{'flat/hier':>11}{'op ratio':>10}")
