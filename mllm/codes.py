@@ -67,7 +67,7 @@ class TokenizerFingerprint:
     """What the codes depend on. Two checkpoints give the same codes iff every field but `path` agrees."""
 
     path: str
-    config_hash: str  # sha256 of the canonical JSON of the SemHiTokConfig
+    config_hash: str  # sha256 of the canonical JSON of the SemHiTokConfig (`fingerprint_dict`)
     weights_hash: str  # sha256 of model.safetensors
     K: int  # noqa: N815 (glossary name)
     m: int
@@ -90,7 +90,7 @@ def tokenizer_fingerprint(directory: str | os.PathLike) -> TokenizerFingerprint:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"missing {name} in {directory}: not a SemHiTok checkpoint folder")
     config = SemHiTokConfig.from_dict(json.loads((directory / TOKENIZER_FILES[0]).read_text()))
-    config_hash = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    config_hash = hashlib.sha256(json.dumps(config.fingerprint_dict(), sort_keys=True).encode()).hexdigest()
     g = config.grid
     return TokenizerFingerprint(str(directory.resolve()), config_hash, _file_sha256(directory / TOKENIZER_FILES[1]),
                                 config.K, config.m, g, g, config.image_size)  # fmt: skip

@@ -879,3 +879,16 @@ def test_checkpoints_saved_before_a_key_existed_load_as_they_were_trained():
     del data["semantic"]["d_sem"]
     with pytest.raises(ConfigError, match=r"semantic\.d_sem"):
         SemHiTokConfig.from_dict(data)
+
+
+def test_a_key_added_later_keeps_the_fingerprint_code_caches_recorded():
+    """`fingerprint_dict` (what `mllm.codes.tokenizer_fingerprint` hashes) leaves out keys added after caches were made
+    (FINGERPRINT_NEUTRAL) at their neutral value, so those caches stay valid; a value that changes the model counts."""
+    from semhitok.config import FINGERPRINT_NEUTRAL
+
+    data = TINY.to_dict()
+    for section, key in FINGERPRINT_NEUTRAL:
+        del data[section][key]
+    assert TINY.fingerprint_dict() == data and SemHiTokConfig.from_dict(data).fingerprint_dict() == data
+    mult = (1,) * len(TINY.pixel.ch_mult)
+    assert replace(TINY, pixel=replace(TINY.pixel, enhance_ch_mult=mult)).fingerprint_dict()["pixel"]["enhance_ch_mult"]

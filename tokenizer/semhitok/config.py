@@ -206,6 +206,14 @@ class SemHiTokConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """`to_dict` without the keys of `FINGERPRINT_NEUTRAL` at their neutral values: what identifies the model."""
+        data = self.to_dict()
+        for (section, key), value in FINGERPRINT_NEUTRAL.items():
+            if key in data[section] and data[section][key] == value:
+                del data[section][key]
+        return data
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SemHiTokConfig:
         """Strict inverse of `to_dict`: unknown or missing keys raise ConfigError naming them (dotted); a key added
@@ -222,6 +230,13 @@ ADDED_KEYS: Mapping[tuple[str, str], Any] = types.MappingProxyType({
     ("semantic", "target_dims"): SemanticConfig.target_dims,
     ("semantic", "target_fit_images"): SemanticConfig.target_fit_images,
     ("loss", "perceptual_image_size"): 299,
+    ("pixel", "enhance_ch_mult"): None,
+})  # fmt: skip
+
+
+# Keys added after code caches were fingerprinted (`mllm.codes.tokenizer_fingerprint` hashes `fingerprint_dict`): at
+# these values they are left out, so a model they do not change keeps the fingerprint its caches recorded.
+FINGERPRINT_NEUTRAL: Mapping[tuple[str, str], Any] = types.MappingProxyType({
     ("pixel", "enhance_ch_mult"): None,
 })  # fmt: skip
 
