@@ -484,6 +484,7 @@ def test_an_enhance_decoder_may_take_its_own_channel_profile(images, tmp_path):
     with pytest.raises(ValueError, match="enhance_ch_mult"):
         replace(TINY.pixel, enhance_ch_mult=(*mult, 1))
 
+
 def test_overfit_one_batch(images):
     torch.manual_seed(0)
     model = SemHiTok(TINY)

@@ -207,11 +207,11 @@ class SemHiTokConfig:
         return _to_dict(self)
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """`to_dict` without the keys of `FINGERPRINT_NEUTRAL` at their neutral values: what identifies the model."""
+        """`to_dict` without the keys of `FINGERPRINT_NEUTRAL` at their ADDED_KEYS value: what identifies the model."""
         data = self.to_dict()
-        for (section, key), value in FINGERPRINT_NEUTRAL.items():
-            if key in data[section] and data[section][key] == value:
-                del data[section][key]
+        for section, key in FINGERPRINT_NEUTRAL:
+            if data[section].get(key, ADDED_KEYS[section, key]) == ADDED_KEYS[section, key]:
+                data[section].pop(key, None)
         return data
 
     @classmethod
@@ -234,11 +234,10 @@ ADDED_KEYS: Mapping[tuple[str, str], Any] = types.MappingProxyType({
 })  # fmt: skip
 
 
-# Keys added after code caches were fingerprinted (`mllm.codes.tokenizer_fingerprint` hashes `fingerprint_dict`): at
-# these values they are left out, so a model they do not change keeps the fingerprint its caches recorded.
-FINGERPRINT_NEUTRAL: Mapping[tuple[str, str], Any] = types.MappingProxyType({
-    ("pixel", "enhance_ch_mult"): None,
-})  # fmt: skip
+# Keys of ADDED_KEYS added after code caches were fingerprinted (`mllm.codes.tokenizer_fingerprint` hashes
+# `fingerprint_dict`): at their ADDED_KEYS value they are left out, so a model they do not change keeps the fingerprint
+# its caches recorded. (Keys added earlier stay in: caches made since hashed them.)
+FINGERPRINT_NEUTRAL: tuple[tuple[str, str], ...] = (("pixel", "enhance_ch_mult"),)
 
 
 def _with_added_keys(data: Any) -> Any:
