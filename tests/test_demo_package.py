@@ -45,7 +45,8 @@ def test_package_writes_half_precision_folders_with_portable_paths(assets, tmp_p
     batch = mixed_batch(model, build(assets, "llama")[1])
     for a, b in zip(logits(model, *batch[:2]), logits(loaded, *batch[:2]), strict=True):
         assert torch.allclose(a, b, atol=5e-2, rtol=1e-2)  # float16 weights, float32 compute
-    SemHiTok.from_pretrained(tmp_path / "demo" / "tokenizer")
+    tokenizer = SemHiTok.from_pretrained(tmp_path / "demo" / "tokenizer")
+    assert tokenizer.omitted == ("semantic_decoder",)  # stage 1's loss head does not ship
 
 
 def test_package_refuses_a_mismatched_tokenizer_or_llm(assets, tmp_path):  # noqa: F811

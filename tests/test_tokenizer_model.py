@@ -550,6 +550,27 @@ def test_save_load_enhance_decoder_and_no_teacher_in_checkpoint(model, images, t
     assert torch.equal(model.decode(grid), loaded.decode(grid))
 
 
+def test_an_inference_package_leaves_out_the_stage_1_decoder_and_says_so(model, images, tmp_path):
+    from safetensors.torch import load_file
+
+    model.use_enhance_decoder()
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "package", training_only=False, dtype=torch.float16)
+    keys = load_file(str(tmp_path / "package" / "model.safetensors")).keys()
+    assert not any(k.startswith("semantic_decoder.") for k in keys) and any(k.startswith("semantic_encoder.") for k in keys)
+    full_size = (tmp_path / "full" / "model.safetensors").stat().st_size
+    assert (tmp_path / "package" / "model.safetensors").stat().st_size < full_size / 2  # half precision, fewer parts
+    loaded = SemHiTok.from_pretrained(tmp_path / "package", teacher=model.teacher)
+    assert loaded.omitted == ("semantic_decoder",) and model.omitted == ()
+    grid, grid2 = model.encode(images), loaded.encode(images)
+    assert torch.equal(grid.semantic, grid2.semantic) and torch.equal(grid.texture, grid2.texture)
+    assert torch.allclose(model.decode(grid), loaded.decode(grid), atol=2e-2)  # float16 weights
+    with pytest.raises(ValueError, match="inference package without the stage-1 semantic decoder"):
+        loaded.semantic_forward(images)
+    loaded.save_pretrained(tmp_path / "again")  # what was left out stays out, and stays named
+    assert SemHiTok.from_pretrained(tmp_path / "again").omitted == ("semantic_decoder",)
+
+
 def _edit_config(path: Path, edit) -> None:
     data = json.loads((path / "config.json").read_text())
     edit(data)

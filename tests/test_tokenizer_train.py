@@ -268,6 +268,7 @@ def test_script_errors_are_one_line_with_exit_code_2(tmp_path):
 def test_bad_inputs_give_clear_errors(stages, images, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
+    SemHiTok.from_pretrained(stages["1"] / "model").save_pretrained(tmp_path / "package", training_only=False)
     cases = [
         (["train.data.train=[]"], "at least one image folder"),
         ([f"train.data.train=[{empty}]"], r"train\.data\.train\[0\].*no image files"),
@@ -276,6 +277,8 @@ def test_bad_inputs_give_clear_errors(stages, images, tmp_path):
         (["train.stage=2", f"train.init_from={stages['1'] / 'model'}", "model.semantic.codebook_size=16"],
          r"different architecture.*semantic\.codebook_size: 32 vs 16"),
         (["train.stage=2b", f"train.init_from={stages['2b'] / 'model'}"], "already has an enhance decoder"),
+        (["train.stage=2", f"train.init_from={tmp_path / 'package'}"],
+         "is an inference package without semantic_decoder"),
         (["train.data.batch_size=64"], "training images for batch_size 64"),
         (["model.teacher.kind=inception", "model.teacher.layer=mixed_7", "model.teacher.dim=768",
           "model.teacher.image_size=299", f"model.teacher.path={tmp_path / 'none.pt'}"],

@@ -8,7 +8,10 @@ code). Stage 2b swaps in the wider "enhance" decoder and freezes everything else
 
 The teacher is held outside the module tree: it is never saved, never in `parameters()`, never wrapped by
 DDP; it is rebuilt from the config on first use (or passed in) and follows the input's device.
-Losses live in `losses.py`; the training loop weights them. Checkpoints are `config.json` + `model.safetensors`.
+Losses live in `losses.py`; the training loop weights them. Checkpoints are `config.json` + `model.safetensors`;
+`save_pretrained(..., training_only=False)` leaves out the parts only stage 1's loss uses (`TRAINING_ONLY`: the
+semantic decoder) and names them in the file's metadata, so an inference package encodes and decodes, and refuses
+stage-1 training and serving as another stage's `init_from`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 from einops.layers.torch import Rearrange
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -43,6 +47,8 @@ from semhitok.types import QuantizerOutput, TokenGrid
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 STAGES = ("1", "2", "2b")
+TRAINING_ONLY = ("semantic_decoder",)  # stage 1's feature decoder: its loss needs it, encode / decode never do
+OMITTED_KEY = "omitted"  # model.safetensors metadata: the TRAINING_ONLY parts a checkpoint leaves out, comma-separated
 
 
 # ------------------------------------------------------------------------------------------------- builders
@@ -166,8 +172,14 @@ class SemHiTok(nn.Module):
         return self.quantizer.semantic if isinstance(self.quantizer, HierarchicalQuantizer) else self.stage1_quantizer
 
     def semantic_modules(self) -> list[nn.Module]:
-        parts = [self.semantic_encoder, self.semantic_head, self.semantic_quantizer, self.semantic_decoder]
-        return parts + ([self.target_whitener] if self.target_whitener is not None else [])
+        parts = [self.semantic_encoder, self.semantic_head, self.semantic_quantizer, self.semantic_decoder,
+                 self.target_whitener]
+        return [m for m in parts if m is not None]
+
+    @property
+    def omitted(self) -> tuple[str, ...]:
+        """The TRAINING_ONLY parts this model was loaded without (an inference package), else ()."""
+        return tuple(name for name in TRAINING_ONLY if getattr(self, name) is None)
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         """Trainable parameters of a stage: "1" semantic branch, "2" pixel branch + stage-2 codebook,
@@ -264,6 +276,9 @@ class SemHiTok(nn.Module):
         """Stage 1: -> {"semantic_recon" (B, L, D_t), "semantic_target" (B, L, D_t), "quantizer": QuantizerOutput};
         D_t is the teacher's dimension, or semantic.target_dims under a whitened target."""
         self._check_images(images)
+        if self.semantic_decoder is None:
+            raise ValueError("this SemHiTok was loaded from an inference package without the stage-1 semantic "
+                             "decoder: stage 1 needs the training run's checkpoint")
         target = self.semantic_target(images)
         q = self.semantic_quantizer(self.semantic_latent(images))
         return {"semantic_recon": self.semantic_decoder(q.z_q), "semantic_target": target, "quantizer": q}
@@ -312,12 +327,20 @@ class SemHiTok(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, training_only: bool = True,
+                        dtype: torch.dtype | None = None) -> None:
         """Write the folder `directory` = `config.json` + `model.safetensors`, atomically (built in a hidden
-        sibling, then swapped in: a crash leaves the old or the new checkpoint, never a mix). Replaces the folder."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        sibling, then swapped in: a crash leaves the old or the new checkpoint, never a mix). Replaces the folder.
+        `training_only=False` leaves out the TRAINING_ONLY parts (an inference package); `dtype` casts the
+        floating-point tensors (they load back into a float32 model)."""
+        omitted = set(self.omitted) | (set() if training_only else set(TRAINING_ONLY))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if k.split(".", 1)[0] not in omitted}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        metadata = {"format": "pt"} | ({OMITTED_KEY: ",".join(sorted(omitted))} if omitted else {})
         with atomic_folder(directory) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata=metadata)
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
 
     @classmethod
@@ -327,8 +350,10 @@ class SemHiTok(nn.Module):
         if not directory.is_dir():
             raise FileNotFoundError(f"SemHiTok checkpoint folder not found: {directory}")
         config = _read_config(directory / CONFIG_NAME)
-        state = _read_weights(directory / WEIGHTS_NAME)
+        state, omitted = _read_weights(directory / WEIGHTS_NAME)
         model = cls(config, teacher=teacher, init_from_teacher=False)
+        for name in omitted:
+            setattr(model, name, None)
         _check_state(model.state_dict(), state, config, directory)
         model.load_state_dict(state, strict=True)
         return model
@@ -411,13 +436,22 @@ def _read_config(path: Path) -> SemHiTokConfig:
     return SemHiTokConfig.from_dict(data)
 
 
-def _read_weights(path: Path) -> dict[str, Tensor]:
+def _read_weights(path: Path) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """-> (state, the TRAINING_ONLY parts the file leaves out)."""
     if not path.is_file():
         raise FileNotFoundError(f"missing {path.name} in {path.parent}")
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
     except Exception as err:  # safetensors raises several error types for truncated / garbage files
         raise ValueError(f"corrupt {path}: cannot read safetensors ({err})") from None
+    omitted = tuple(name for name in metadata.get(OMITTED_KEY, "").split(",") if name)
+    unknown = sorted(set(omitted) - set(TRAINING_ONLY))
+    if unknown:
+        raise ValueError(f"corrupt {path}: its metadata leaves out {unknown}, which are not training-only parts "
+                         f"{list(TRAINING_ONLY)}")
+    return state, omitted
 
 
 def _check_state(expected: dict[str, Tensor], state: dict[str, Tensor], config: SemHiTokConfig, where: Path) -> None:

@@ -308,6 +308,9 @@ def load_init(model: SemHiTok, path: str, stage: str) -> None:
         src = SemHiTok.from_pretrained(path)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"train.init_from: {err}") from None
+    if src.omitted:
+        raise ConfigError(f"train.init_from {path} is an inference package without {', '.join(src.omitted)}: "
+                          "start from the previous stage's training export")
     diff = config_diff(src.config.to_dict(), model.config.to_dict(), FRESH_FROM_RUN[stage])
     if diff:
         raise ConfigError(f"train.init_from {path} has a different architecture (init_from vs this run): "
