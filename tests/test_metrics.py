@@ -243,6 +243,10 @@ def test_evaluate_reconstruction_on_the_tiny_model(tmp_path, tiny_model, tiny_fe
     assert torch.equal(recon, quantize_8bit(tiny_model.decode(tiny_model.encode(x))))
     assert out["psnr"] == pytest.approx(float(psnr(recon, quantize_8bit(x)).mean()), abs=1e-4)
     assert evaluate_reconstruction(tiny_model, loader, fid=False)["rfid"] is None
+    tiny_model.save_pretrained(tmp_path / "package", training_only=False)  # no semantic decoder: no semantic cosine
+    package = type(tiny_model).from_pretrained(tmp_path / "package", teacher=tiny_model.teacher)
+    slim = evaluate_reconstruction(package, loader, fid=False)
+    assert slim["semantic_cosine"] is None and slim["psnr"] == pytest.approx(out["psnr"], abs=1e-4)
 
 
 def test_evaluate_reconstruction_of_a_perfect_decoder(tmp_path, tiny_model, tiny_features, monkeypatch):

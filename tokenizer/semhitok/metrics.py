@@ -198,7 +198,11 @@ def semantic_cosine(model: nn.Module, images: Tensor, grid: TokenGrid | None = N
     """images (B, 3, H, W) in [-1, 1] -> (B,) mean over tokens of cos(semantic decoder output, its target: the teacher
     features, or their whitened principal components under `semantic.target: whitened`), where the decoder reads the semantic part of the codes `encode` gives: the tokens the MLLM sees. For SemHiTok
     these are the stage-1 semantic codes; for the flat / shared baselines, the semantic half of their joint codes.
-    grid: `model.encode(images)` when the caller already has it."""
+    grid: `model.encode(images)` when the caller already has it. An inference package (no semantic decoder) has none.
+    """
+    if getattr(model, "semantic_decoder", None) is None:
+        raise ValueError("semantic cosine needs the stage-1 semantic decoder, which this inference package leaves out: "
+                         "measure it on the training run's checkpoint")
     with torch.no_grad():
         emb_sem, _ = model.code_embeddings(grid if grid is not None else model.encode(images))  # (B, h, w, d_sem)
         recon = model.semantic_decoder(emb_sem.flatten(1, 2))  # (B, L, D_target)
@@ -268,13 +272,15 @@ def evaluate_reconstruction(
 
     fid_features: images -> (B, D) features for rFID (default: `InceptionFIDFeatures`); `fid=False` skips rFID.
     on_batch(images, reconstructions): both 8-bit, in [-1, 1], e.g. to save examples.
-    Returns psnr, ssim, rfid (None if skipped or < 2 images), semantic_cosine, `CodebookUsage.compute()` keys,
+    Returns psnr, ssim, rfid (None if skipped or < 2 images), semantic_cosine (None for an inference package, which
+    has no semantic decoder), `CodebookUsage.compute()` keys,
     num_images, num_skipped, fid_network, perceptual_network. The model is evaluated in eval mode and its
     train/eval mode of every submodule restored afterwards."""
     modes, device = [(m, m.training) for m in model.modules()], next(model.parameters()).device
     features = None if not fid else fid_features if fid_features is not None else fid_features_for(model)
     usage, real, fake = CodebookUsage(model.config.K, model.config.m), FIDAccumulator(), FIDAccumulator()
     per_image: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "semantic_cosine": []}
+    cosine = getattr(model, "semantic_decoder", None) is not None
     skipped = 0
     model.eval()
     try:
@@ -287,7 +293,8 @@ def evaluate_reconstruction(
             recon = quantize_8bit(model.decode(grid))
             per_image["psnr"].append(psnr(recon, x, max_db).cpu())
             per_image["ssim"].append(ssim(recon, x).cpu())
-            per_image["semantic_cosine"].append(semantic_cosine(model, x, grid).cpu())
+            if cosine:
+                per_image["semantic_cosine"].append(semantic_cosine(model, x, grid).cpu())
             usage.update(grid)
             if features is not None:
                 real.update(features(x))
@@ -302,6 +309,7 @@ def evaluate_reconstruction(
         "num_images": n,
         "num_skipped": skipped,
         **{k: _mean(v) for k, v in per_image.items()},
+        "semantic_cosine": _mean(per_image["semantic_cosine"]) if cosine else None,
         "rfid": real.distance(fake) if features is not None and n >= 2 else None,
         **usage.compute(),
         "fid_network": getattr(features, "description", type(features).__name__) if features is not None else None,
