@@ -32,7 +32,15 @@ from semhitok.runtime.checkpoint import (
 )
 from semhitok.runtime.configio import ConfigError
 from semhitok.teachers import build_teacher
-from semhitok.train import CachedTeacher, TokenizerRunConfig, TokenizerTrainer, in_holdout, load_run_config, train
+from semhitok.train import (
+    CachedTeacher,
+    TokenizerRunConfig,
+    TokenizerTrainer,
+    build_model,
+    in_holdout,
+    load_run_config,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_tokenizer.py"
@@ -121,6 +129,21 @@ def test_later_stages_keep_frozen_parts_bit_identical(stages):
     kept = [k for k in w2 if not k.startswith("pixel_decoder.")]
     assert all(torch.equal(w2[k], w2b[k]) for k in kept)
     assert any(not torch.equal(w1[k], w2[k]) for k in w2 if k.startswith("pixel_encoder."))  # stage 2 did train
+
+
+def test_stage_2b_continues_an_enhance_decoder_of_the_same_shape_with_a_fixed_gan_weight(stages, images, tmp_path):
+    src = weights(stages["2b"] / "model")
+    run = tiny(images, tmp_path / "more", "train.stage=2b", f"train.init_from={stages['2b'] / 'model'}", "train.steps=2",
+               "model.loss.gan_adaptive_weight=false", "model.loss.gan_weight=0.25")
+    model = build_model(run, resuming=False)
+    model.use_enhance_decoder()  # what stage 2b's objective does first: the same shape keeps the weights
+    kept = {k: v for k, v in model.state_dict().items() if k.startswith("pixel_decoder.")}
+    assert kept and all(torch.equal(v, src[k]) for k, v in kept.items())
+    train(run)
+    logged = [r for r in log_records(tmp_path / "more") if "adaptive_weight" in r]
+    assert logged and all(r["adaptive_weight"] == 1.0 for r in logged)  # LlamaGen's fixed weight: gan_weight alone
+    after = weights(tmp_path / "more" / "model")
+    assert any(not torch.equal(after[k], src[k]) for k in kept)  # and it trains on from there
 
 
 # ----------------------------------------------------------------------------------------------------- resume
@@ -276,7 +299,8 @@ def test_bad_inputs_give_clear_errors(stages, images, tmp_path):
         (["train.stage=2", f"train.init_from={tmp_path / 'nope'}"], "not found"),
         (["train.stage=2", f"train.init_from={stages['1'] / 'model'}", "model.semantic.codebook_size=16"],
          r"different architecture.*semantic\.codebook_size: 32 vs 16"),
-        (["train.stage=2b", f"train.init_from={stages['2b'] / 'model'}"], "already has an enhance decoder"),
+        (["train.stage=2b", f"train.init_from={stages['2b'] / 'model'}", "model.pixel.enhance_ch=24"],
+         r"enhance decoder of another shape.*pixel\.enhance_ch: 32 vs 24"),
         (["train.stage=2", f"train.init_from={tmp_path / 'package'}"],
          "is an inference package without semantic_decoder"),
         (["train.data.batch_size=64"], "training images for batch_size 64"),

@@ -152,6 +152,7 @@ class LossConfig:
     perceptual_layers: tuple[str, ...] = ("mixed_2", "mixed_5", "mixed_7", "mixed_10")
     perceptual_image_size: int = 299  # side the images are resized to for the perceptual network (Inception: 299)
     gan_weight: float = 0.5
+    gan_adaptive_weight: bool = True  # VQGAN's balance by gradient norms; False: gan_weight alone (LlamaGen's default)
     disc_start: int = 20000  # generator/discriminator GAN terms are off before this step
     disc_ch: int = 64
     disc_layers: int = 3
@@ -231,13 +232,14 @@ ADDED_KEYS: Mapping[tuple[str, str], Any] = types.MappingProxyType({
     ("semantic", "target_fit_images"): SemanticConfig.target_fit_images,
     ("loss", "perceptual_image_size"): 299,
     ("pixel", "enhance_ch_mult"): None,
+    ("loss", "gan_adaptive_weight"): True,
 })  # fmt: skip
 
 
 # Keys of ADDED_KEYS added after code caches were fingerprinted (`mllm.codes.tokenizer_fingerprint` hashes
 # `fingerprint_dict`): at their ADDED_KEYS value they are left out, so a model they do not change keeps the fingerprint
 # its caches recorded. (Keys added earlier stay in: caches made since hashed them.)
-FINGERPRINT_NEUTRAL: tuple[tuple[str, str], ...] = (("pixel", "enhance_ch_mult"),)
+FINGERPRINT_NEUTRAL: tuple[tuple[str, str], ...] = (("pixel", "enhance_ch_mult"), ("loss", "gan_adaptive_weight"))
 
 
 def _with_added_keys(data: Any) -> Any:

@@ -174,7 +174,8 @@ class PixelReconstruction(StageObjective):
         if gan_active(step, lc):
             self.raw_disc.requires_grad_(False)  # generator step: gradients reach the image only
             g = g_loss(self.raw_disc(recon))["g_loss"]
-            w = adaptive_weight(rec, g, self.model.last_decoder_layer, lc.adaptive_weight_max)
+            w = (adaptive_weight(rec, g, self.model.last_decoder_layer, lc.adaptive_weight_max) if lc.gan_adaptive_weight
+                 else torch.ones((), device=g.device))
             loss = loss + lc.gan_weight * w * g
             metrics.update(g_loss=g, adaptive_weight=w)
         return {"loss": loss, **metrics, "recon": recon}

@@ -315,9 +315,14 @@ def load_init(model: SemHiTok, path: str, stage: str) -> None:
     if diff:
         raise ConfigError(f"train.init_from {path} has a different architecture (init_from vs this run): "
                           + "; ".join(diff))
-    if stage == "2b" and src.config.pixel.use_enhance_decoder:
-        raise ConfigError(f"train.init_from {path} already has an enhance decoder; "
-                          "stage 2b starts from a stage-2 export")
+    if stage == "2b" and src.config.pixel.use_enhance_decoder:  # continue that enhance decoder (e.g. with a GAN)
+        keys = ("enhance_ch", "enhance_num_res_blocks", "enhance_ch_mult")
+        diff = [f"pixel.{k}: {getattr(src.config.pixel, k)} vs {getattr(model.config.pixel, k)}" for k in keys
+                if getattr(src.config.pixel, k) != getattr(model.config.pixel, k)]
+        if diff:
+            raise ConfigError(f"train.init_from {path} has an enhance decoder of another shape (init_from vs this "
+                              "run): " + "; ".join(diff) + "; a new enhance decoder starts from a stage-2 export")
+        model.use_enhance_decoder()  # same shape: stage 2b's own use_enhance_decoder() then keeps these weights
     pairs = zip(model.semantic_modules(), src.semantic_modules(), strict=True) if stage == "2" else [(model, src)]
     for dst, s in pairs:
         dst.load_state_dict(s.state_dict())
