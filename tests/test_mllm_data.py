@@ -40,7 +40,7 @@ from mllm.data.mixture import (
 from mllm.synthetic.dataset import write_dataset
 from mllm.vocab import VisualVocab, VocabError
 from semhitok import PRESETS, SemHiTok
-from semhitok.runtime import BadItem, SkipCounter, load_image, to_tensor
+from semhitok.runtime import BadItem, SkipCounter, load_image, read_jsonl, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["semhitok-tiny"]
@@ -235,6 +235,30 @@ def test_caption_dropout_is_ten_percent_and_deterministic(world):
     assert torch.equal(data[5].input_ids, again.sample(5, 7).input_ids)
     dropped = next(i for i in range(len(pairs)) if data.caption(i, 7) == "")
     assert torch.equal(data[dropped].input_ids[:-18], generation_prompt_ids("", world["text"], TEMPLATE))
+
+
+def test_t2i_captions_draw_fields_by_weight(world):
+    scenes = world["root"] / "synth/scenes.jsonl"
+    plain = load_captions(scenes)
+    pairs = load_captions(scenes, sources={"captions": 1, "geneval.prompt": 3})
+    assert [p.image for p in pairs] == [p.image for p in plain]  # every scene has captions: none is left out
+    data = TextToImageDataset(pairs, world["builder"], cfg_dropout=0.0, seed=0)
+    records = [r for _, r in read_jsonl(scenes)]
+    with_prompt = [i for i, r in enumerate(records) if r.get("geneval")]
+    without = [i for i, r in enumerate(records) if not r.get("geneval")]
+    assert with_prompt and without
+    for i in with_prompt:
+        prompt = records[i]["geneval"]["prompt"]
+        draws = [data.caption(i, epoch) for epoch in range(400)]
+        share = 0.75 + 0.25 * plain[i].captions.count(prompt) / len(plain[i].captions)  # also among its captions
+        assert abs(draws.count(prompt) / len(draws) - share) < 0.08, (i, draws.count(prompt))
+    for i in without:  # no such field: the captions, uniformly
+        assert set(pairs[i].captions) == set(plain[i].captions) and sum(pairs[i].weights) == pytest.approx(1.0)
+    for bad in ({}, {"captions": 0}, {"captions": -1.0}):
+        with pytest.raises(ValueError, match="positive weights"):
+            load_captions(scenes, sources=bad)
+    with pytest.raises(ValueError, match="missing 'image' or 'nope'"):
+        load_captions(scenes, sources={"nope": 1})
 
 
 def test_caption_understanding_answers_with_a_caption(world):

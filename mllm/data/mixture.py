@@ -238,20 +238,54 @@ class ConversationDataset(_Source):
 class CaptionPair:
     image: str  # image key in the code cache
     captions: tuple[str, ...]  # one or more captions of the image
+    weights: tuple[float, ...] | None = None  # probability of drawing each caption; None = uniform
+
+    def draw(self, rng: np.random.Generator) -> str:
+        if self.weights is None:
+            return self.captions[rng.integers(len(self.captions))]
+        return self.captions[rng.choice(len(self.captions), p=self.weights)]
 
 
-def load_captions(path: str | Path, image_key: str = "image", caption_key: str = "captions") -> list[CaptionPair]:
+def _field(rec: Mapping[str, Any], key: str) -> Any:
+    """rec[key], where a dotted key ("geneval.prompt") reads into nested objects; None when absent or null."""
+    value: Any = rec
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return tuple(c for c in items if isinstance(c, str) and c.strip())
+
+
+def load_captions(path: str | Path, image_key: str = "image", caption_key: str = "captions",
+                  sources: Mapping[str, float] | None = None) -> list[CaptionPair]:  # fmt: skip
     """(image, captions) pairs from JSON lines (synthetic scenes.jsonl, COCO annotations.jsonl, any JSONL with an image
-    path and a caption string or list). Records without a caption are left out."""
+    path and a caption string or list). Records without a caption are left out.
+
+    sources: caption fields (dotted keys read nested objects, e.g. "geneval.prompt") -> weight. A pair then draws a
+    field by weight among the fields its record has, and a caption of that field uniformly: {captions: 1, geneval.prompt:
+    1} draws a scene's GenEval-style prompt half the time, where it has one. None: `caption_key` alone, uniformly."""
+    if sources is not None:
+        bad = {k: w for k, w in sources.items() if not (isinstance(w, int | float) and w > 0)}
+        if not sources or bad:
+            raise ValueError(f"caption sources need positive weights, got {dict(sources)}")
+    fields = dict(sources) if sources else {caption_key: 1.0}
     pairs = []
     for lineno, rec in read_jsonl(path):
-        if image_key not in rec or caption_key not in rec:
+        if image_key not in rec or not any(k.split(".")[0] in rec for k in fields):
             raise ValueError(
-                f"{path}:{lineno}: missing {image_key!r} or {caption_key!r} (the record has {sorted(rec)})"
+                f"{path}:{lineno}: missing {image_key!r} or {' / '.join(map(repr, fields))} (the record has {sorted(rec)})"
             )
-        value = rec[caption_key]
-        captions = tuple(c for c in ([value] if isinstance(value, str) else value) if c.strip())
-        pairs += [CaptionPair(rec[image_key], captions)] if captions else []
+        found = {k: _texts(_field(rec, k)) for k in fields}
+        found = {k: v for k, v in found.items() if v}
+        if not found:
+            continue
+        captions = tuple(c for v in found.values() for c in v)
+        total = sum(fields[k] for k in found)
+        weights = tuple(fields[k] / total / len(v) for k, v in found.items() for _ in v) if sources else None
+        pairs.append(CaptionPair(rec[image_key], captions, weights))
     return pairs
 
 
@@ -267,7 +301,7 @@ class CaptionDataset(_Source):
 
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
         p, rng = self.pairs[index], _rng(self.seed, epoch, index)
-        caption = p.captions[rng.integers(len(p.captions))]
+        caption = p.draw(rng)
         instruction = self.instructions[rng.integers(len(self.instructions))]
         turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{instruction}"}, {"from": "gpt", "value": caption}]
         return _build(index, p.image, lambda: self.builder.understanding(turns, p.image))
@@ -291,7 +325,7 @@ class TextToImageDataset(_Source):
     def caption(self, index: int, epoch: int) -> str:
         """The caption sample (index, epoch) is conditioned on; "" when dropped for classifier-free guidance."""
         p, rng = self.pairs[index], _rng(self.seed, epoch, index)
-        caption = p.captions[rng.integers(len(p.captions))]
+        caption = p.draw(rng)
         return "" if rng.random() < self.cfg_dropout else caption
 
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
@@ -405,6 +439,8 @@ class DataConfig:
     conversations: str = ""  # LLaVA .json/.jsonl: source "conversation"
     captions: str = ""  # JSONL with image + captions: sources "caption" and "t2i"
     caption_key: str = "captions"
+    t2i_captions: Mapping[str, float] = field(default_factory=dict)  # source "t2i" draws captions from these fields
+    # by weight (`load_captions(sources=...)`), e.g. {captions: 1, geneval.prompt: 1}; {} = caption_key uniformly
     template: str = "chat_template"
     max_length: int = 2048
     prompt: str = GENERATION_PROMPT
@@ -435,7 +471,7 @@ def _make_source(name: str, config: DataConfig, builder: SampleBuilder) -> _Sour
         raise ValueError(f"the data mix uses source {name!r}: set data.{SOURCE_FILES[name]}")
     if name == "conversation":
         return ConversationDataset(path, builder)
-    pairs = load_captions(path, caption_key=config.caption_key)
     if name == "caption":
-        return CaptionDataset(pairs, builder, config.seed)
+        return CaptionDataset(load_captions(path, caption_key=config.caption_key), builder, config.seed)
+    pairs = load_captions(path, caption_key=config.caption_key, sources=dict(config.t2i_captions) or None)
     return TextToImageDataset(pairs, builder, config.cfg_dropout, config.seed)
