@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from einops.layers.torch import Rearrange
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from semhitok.config import ConfigError, SemHiTokConfig
@@ -441,9 +441,9 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], tuple[str, ...]]:
     if not path.is_file():
         raise FileNotFoundError(f"missing {path.name} in {path.parent}")
     try:
-        state = load_file(str(path), device="cpu")
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # one read: the tensors and the metadata
             metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     except Exception as err:  # safetensors raises several error types for truncated / garbage files
         raise ValueError(f"corrupt {path}: cannot read safetensors ({err})") from None
     omitted = tuple(name for name in metadata.get(OMITTED_KEY, "").split(",") if name)

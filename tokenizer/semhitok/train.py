@@ -316,9 +316,9 @@ def load_init(model: SemHiTok, path: str, stage: str) -> None:
         raise ConfigError(f"train.init_from {path} has a different architecture (init_from vs this run): "
                           + "; ".join(diff))
     if stage == "2b" and src.config.pixel.use_enhance_decoder:  # continue that enhance decoder (e.g. with a GAN)
-        keys = ("enhance_ch", "enhance_num_res_blocks", "enhance_ch_mult")
-        diff = [f"pixel.{k}: {getattr(src.config.pixel, k)} vs {getattr(model.config.pixel, k)}" for k in keys
-                if getattr(src.config.pixel, k) != getattr(model.config.pixel, k)]
+        keys = [k.split(".")[1] for k in FRESH_FROM_RUN["2b"] if k.startswith("pixel.enhance_")]  # its shape
+        a, b = (c.to_dict()["pixel"] for c in (src.config, model.config))
+        diff = config_diff({k: a[k] for k in keys}, {k: b[k] for k in keys}, where="pixel")
         if diff:
             raise ConfigError(f"train.init_from {path} has an enhance decoder of another shape (init_from vs this "
                               "run): " + "; ".join(diff) + "; a new enhance decoder starts from a stage-2 export")
