@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The paper's central claim in miniature, on real images (docs/tokenizer.md). One command:
-#   bash scripts/experiments/tokenizer_claim.sh
+#   bash scripts/experiments/tokenizer_claim.sh [CONFIG_DIR [OUT_DIR]]
+# (default configs/tokenizer/claim -> runs/claim; configs/tokenizer/claim-long -> runs/claim-long is the longer rerun)
 # Stage 1 once (Inception-v3 teacher), then SemHiTok / flat VQ / shared index stage 2 from the same frozen semantic
 # branch, in parallel (one thread each), then held-out metrics, a semantic probe on Caltech, and a summary table.
 # Re-running resumes every stage from its last complete checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-OUT=runs/claim
+CONFIGS=${1:-configs/tokenizer/claim}
+OUT=${2:-runs/claim}
+mkdir -p $OUT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-$PY scripts/train_tokenizer.py --config configs/tokenizer/claim/stage1.yaml
+$PY scripts/train_tokenizer.py --config $CONFIGS/stage1.yaml
 for kind in hierarchical flat shared; do
-  $PY scripts/train_tokenizer.py --config configs/tokenizer/claim/stage2-$kind.yaml > $OUT/stage2-$kind.log 2>&1 &
+  $PY scripts/train_tokenizer.py --config $CONFIGS/stage2-$kind.yaml > $OUT/stage2-$kind.log 2>&1 &
 done
 wait
 for kind in hierarchical flat shared; do
