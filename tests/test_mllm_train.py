@@ -184,7 +184,7 @@ def test_shipped_configs_are_valid():
     """Every configs/mllm/*.yaml (and the demo's) loads strictly; the DeepSpeed JSONs hold only ZeRO policy."""
     stages = {}
     demo = [REPO / "configs" / "demo" / "mllm" / f"{s}.yaml" for s in ("align", "instruct", "t2i", "joint")]
-    extra = [p for p in (REPO / "configs" / "demo" / "mllm").glob("*.yaml") if p.stem != "common"]  # later stages
+    extra = [p for p in (REPO / "configs" / "demo").glob("**/mllm/*.yaml") if p.stem != "common"]  # later stages, GPU
     for path in sorted({*(REPO / "configs" / "mllm").glob("*.yaml"), REPO / "configs" / "demo" / "mllm.yaml", *demo, *extra}):
         run = load_run_config(path)
         stages[path.stem] = run.train.stage

@@ -325,7 +325,7 @@ def test_resume_with_a_different_config_is_refused(stages, images):
 
 
 def test_every_shipped_config_loads():
-    for path in sorted([*(REPO / "configs" / "tokenizer").rglob("*.yaml"), *(REPO / "configs" / "demo").glob("tok*.yaml")]):
+    for path in sorted([*(REPO / "configs" / "tokenizer").rglob("*.yaml"), *(REPO / "configs" / "demo").rglob("tok*.yaml")]):
         run = load_run_config(path)
         assert run.train.stage in ("1", "2", "2b") and (run.train.stage == "1") != bool(run.train.init_from), path
 
