@@ -5,7 +5,8 @@
         scene's image: AUC of the margin against the true answer for both, mean margins per true answer
     python eval/diagnose.py caption-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
         image NLL (nats per image token) given the true caption, the empty caption and another scene's caption; the
-        gap empty - true per token and per image (0 = the caption is ignored)
+        gap empty - true per token and per image (0 = the caption is ignored); and, per token, the NLL on the grid
+        cells the scene's objects overlap and on the background cells, each at the semantic and the texture level
     python eval/diagnose.py description-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
         text NLL (nats per token) of each scene's caption as the answer to "Describe the image concisely." with its
         own and with another scene's image; gap = swapped - real (0 = the description ignores the image)
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> dict:
                                 template=resolve_template(args.template, inference.tokenizer),
                                 system=model.config.system_prompt, prompt=args.prompt, device=model.code_sem.device,
                                 seed=args.seed, **asking)  # fmt: skip
-    measure = {"image-dependence": diag.image_dependence, "caption-dependence": diag.caption_dependence,
+    measure = {"image-dependence": diag.image_dependence,
+               "caption-dependence": lambda m: diag.caption_dependence(m, cells=True),
                "description-dependence": diag.description_dependence, "counts": diag.count_accuracy}[args.command]  # fmt: skip
     with inference.precision.autocast(model.code_sem.device):
         result = measure(model)

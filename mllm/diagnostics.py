@@ -212,6 +212,27 @@ def score(model: Scorer, samples: Sequence[LMSample], device: torch.device, batc
     return out
 
 
+def object_cells(scene: Scene, h: int, w: int) -> np.ndarray:
+    """(h*w,) bool in raster order: the grid cells an object's box overlaps (with positive area)."""
+    mask = np.zeros((h, w), dtype=bool)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        cols = [c for c in range(w) if min(x1, (c + 1) / w) > max(x0, c / w)]
+        rows = [r for r in range(h) if min(y1, (r + 1) / h) > max(y0, r / h)]
+        mask[np.ix_(rows, cols)] = True
+    return mask.reshape(-1)
+
+
+def score_image_tokens(model: Any, samples: Sequence[LMSample], device: torch.device, batch_size: int = 16) -> list[np.ndarray]:
+    """Every sample's (n_image, 2) semantic / texture NLL per image target (`SemHiTokLM.image_token_nll`)."""
+    out = []
+    for start in range(0, len(samples), batch_size):
+        batch = collate_lm(samples[start : start + batch_size], pad_id=0)
+        rows = model.image_token_nll(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+        out += [r.cpu().numpy() for r in rows]
+    return out
+
+
 @dataclass
 class DiagnosticSet:
     """A fixed held-out set and the two diagnostics on it (see the module docstring)."""
@@ -241,10 +262,11 @@ class DiagnosticSet:
                 result[f"margin_{word}{name}"] = float(np.mean([m for m, t in zip(margins, truth, strict=True) if t == answer]))
         return {k: result[k] for k in ("questions", "auc", "auc_swapped", *sorted(k for k in result if "margin" in k))}
 
-    def caption_dependence(self, model: Scorer) -> dict[str, Any]:
+    def caption_dependence(self, model: Scorer, cells: bool = False) -> dict[str, Any]:
         """Mean image NLL per image token with the true, the empty and a swapped caption; gap = empty - true, per
         token and per image (summed over its tokens: what the caption tells about the whole image, at most the
-        caption's own information)."""
+        caption's own information). cells=True (a model with `image_token_nll`) adds the same per token on the grid
+        cells objects overlap and on the background cells, each split into the semantic and texture levels."""
         scenes = self.scenes[: self.captions]
         swap = derangement(len(scenes))
         shown = {"true": [s.caption for s in scenes], "empty": [""] * len(scenes),
@@ -256,9 +278,30 @@ class DiagnosticSet:
             nll = score(model, samples, self.device, self.batch_size)
             means[f"nll_{name}"] = float(np.mean([x.image / max(x.n_image, 1) for x in nll]))
             sums[name] = float(np.mean([x.image for x in nll]))
-        return {"scenes": len(scenes), **means, "gap": means["nll_empty"] - means["nll_true"],
-                "gap_swapped": means["nll_swapped"] - means["nll_true"],
-                "gap_per_image": sums["empty"] - sums["true"]}  # fmt: skip
+        result = {"scenes": len(scenes), **means, "gap": means["nll_empty"] - means["nll_true"],
+                  "gap_swapped": means["nll_swapped"] - means["nll_true"],
+                  "gap_per_image": sums["empty"] - sums["true"]}  # fmt: skip
+        return {**result, **(self._cell_split(model, scenes, shown) if cells else {})}
+
+    def _cell_split(self, model: Any, scenes: Sequence[HeldOutScene], shown: dict[str, list[str]]) -> dict[str, Any]:
+        """Per-token NLL on object / background cells, semantic / texture level, true and empty caption."""
+        masks = []
+        for s in scenes:
+            grid = self.builder.codes.grid(s.image)
+            masks.append(object_cells(s.scene, *grid.semantic.shape[-2:]))
+        out: dict[str, Any] = {"object_cell_share": float(np.mean(np.concatenate(masks)))}
+        for name in ("true", "empty"):
+            samples = [self._build(lambda c=c, s=s: self.builder.generation(c, s.image), s.image)
+                       for c, s in zip(shown[name], scenes, strict=True)]  # fmt: skip
+            nll = score_image_tokens(model, samples, self.device, self.batch_size)
+            for where, pick in (("object", True), ("background", False)):
+                tokens = np.concatenate([n[m == pick] for n, m in zip(nll, masks, strict=True)])  # (N, 2)
+                for k, level in enumerate(("semantic", "texture")):
+                    out[f"nll_{name}_{where}_{level}"] = float(tokens[:, k].mean()) if len(tokens) else float("nan")
+        for where in ("object", "background"):
+            out[f"gap_{where}"] = sum(out[f"nll_empty_{where}_{lv}"] - out[f"nll_true_{where}_{lv}"]
+                                      for lv in ("semantic", "texture"))  # fmt: skip
+        return out
 
     def description_dependence(self, model: Scorer) -> dict[str, Any]:
         """Mean text NLL per token of each caption scene's description with its own and with a swapped image; gap =

@@ -495,6 +495,24 @@ class SemHiTokLM(nn.Module):
                                  for h, t, m in zip(hidden, target, image, strict=True)])  # fmt: skip
         return {"text": text_nll, "n_text": text.sum(1), "image": image_nll, "n_image": image.sum(1)}
 
+    @torch.no_grad()
+    def image_token_nll(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> list[Tensor]:
+        """Teacher-forced NLL of every image target, split by level (diagnostics): inputs as in `forward` -> per row
+        a (n_image, 2) float32 tensor in target order: -log p(i) (semantic code) and -log p(j | i) (texture code),
+        whose sum is the token's NLL, from the head's joint log-probabilities over the K*m codes (any head)."""
+        hidden = self.backbone(self.embed(input_ids), attention_mask).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        _, image = self._target_masks(target)
+        out = []
+        for h, t, m in zip(hidden, target, image, strict=True):
+            joint = self.head.logits(h[m]).float().log_softmax(-1)  # (n, K*m)
+            i, j = TokenGrid.split_index(self.vocab.ids_to_index(t[m]), self.vocab.m)
+            rows = torch.arange(len(i), device=i.device)
+            semantic = -joint.unflatten(-1, (self.vocab.K, self.vocab.m)).logsumexp(-1)[rows, i]  # -log p(i)
+            total = -joint[rows, TokenGrid.flat_index(i, j, self.vocab.m)]
+            out.append(torch.stack([semantic, total - semantic], dim=-1))
+        return out
+
     def _text_loss_sum(self, hidden: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(self.text_logits(hidden).float(), target, reduction="sum")
 

@@ -19,11 +19,14 @@ from mllm.diagnostics import (
     build_diagnostic_set,
     count_questions,
     derangement,
+    object_cells,
     read_scenes,
+    score,
+    score_image_tokens,
 )
 from mllm.model import MLLMConfig, SemHiTokLM
 from mllm.synthetic.dataset import write_dataset
-from mllm.synthetic.scene import SHAPES
+from mllm.synthetic.scene import SHAPES, Scene
 from mllm.synthetic.text import plural
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab
@@ -193,6 +196,40 @@ def test_a_real_model_without_image_input_has_equal_real_and_swapped_margins(wor
     assert set(record) == set(LOG_KEYS) and model.training  # the trainer's record; the mode is restored
 
 
+@pytest.mark.parametrize("head", ["flat", "factorized"])
+def test_image_token_nll_splits_each_tokens_nll_by_level_and_cell(world, head):
+    """Per image target, semantic + texture NLL = the token's NLL: their sums per row are `sequence_nll`'s image sum
+    for either head. The caption split's object / background means average back to the per-token NLL."""
+    diag = diagnostic_set(world, questions=2, captions=3)
+    torch.manual_seed(0)
+    config = MLLMConfig(llm=str(world / "llm"), semhitok=str(world / "semhitok"), adapter_width_sem=16,
+                        adapter_width_pix=8, head=head, head_width=16)  # fmt: skip
+    model = SemHiTokLM.from_config(config).eval()
+    samples = [diag._build(lambda s=s: diag.builder.generation(s.caption, s.image), s.image) for s in diag.scenes[:3]]
+    per_token = score_image_tokens(model, samples, torch.device("cpu"), batch_size=2)
+    sums = score(model, samples, torch.device("cpu"))
+    grid = diag.builder.codes.grid(diag.scenes[0].image).semantic
+    assert all(t.shape == (grid.numel(), 2) and (t >= 0).all() for t in per_token)
+    assert [float(t.sum()) for t in per_token] == pytest.approx([x.image for x in sums], rel=1e-4)
+    result = diag.caption_dependence(model, cells=True)
+    share = result["object_cell_share"]
+    assert 0 < share < 1
+    for name in ("true", "empty"):
+        mixed = sum((share if where == "object" else 1 - share) * result[f"nll_{name}_{where}_{level}"]
+                    for where in ("object", "background") for level in ("semantic", "texture"))  # fmt: skip
+        assert mixed == pytest.approx(result[f"nll_{name}"], rel=1e-4)
+    assert "object_cell_share" not in diag.caption_dependence(model)  # opt-in: the trainer's cheap record skips it
+
+
+def test_object_cells_are_the_cells_a_box_overlaps():
+    scene = Scene.from_dict({"objects": [{"shape": "circle", "color": "red", "center": [0.5, 0.5], "size": 0.25},
+                                         {"shape": "star", "color": "blue", "center": [0.1, 0.9], "size": 0.16}],
+                             "background": {"kind": "noise", "tones": [[130, 121, 128], [154, 145, 152]], "period": 0.12,
+                                            "angle": 1.9, "seed": 1}})  # fmt: skip
+    cells = object_cells(scene, 8, 8).reshape(8, 8)
+    assert cells[3:5, 3:5].all() and cells[6:8, 0:2].all() and cells.sum() == 8  # a box edge on a cell edge: not in
+
+
 def test_bad_held_out_data_is_named(world, tmp_path):
     with pytest.raises(DiagnosticsError, match="not a synthetic data folder .*render_synthetic.py"):
         read_scenes(tmp_path, 4)
@@ -231,6 +268,7 @@ def test_cli_writes_both_diagnostics_and_names_bad_input(world, tmp_path, capsys
     assert code == 0, err
     result = json.loads((tmp_path / "caption.json").read_text())
     assert result["scenes"] == 3 and result["gap"] == pytest.approx(result["nll_empty"] - result["nll_true"])
+    assert 0 < result["object_cell_share"] < 1 and "nll_true_object_semantic" in result and "gap_background" in out
     code, out, err = run_cli(["image-dependence", *common, "--n", "4", "--question", "Can you see {object}?", "--out",
                               tmp_path / "worded.json"], capsys)  # fmt: skip
     assert code == 0, err
