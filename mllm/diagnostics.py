@@ -30,7 +30,7 @@ the training data. Used by `eval/diagnose.py` and, every `train.diagnose_every` 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -201,12 +201,18 @@ class Scorer(Protocol):
     def sequence_nll(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> dict[str, Tensor]: ...
 
 
+def batches(samples: Sequence[LMSample], device: torch.device, batch_size: int) -> Iterator[tuple[Tensor, ...]]:
+    """(input_ids, attention_mask, labels) of `batch_size` right-padded samples at a time, on `device`."""
+    for start in range(0, len(samples), batch_size):
+        batch = collate_lm(samples[start : start + batch_size], pad_id=0)
+        yield tuple(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+
+
 def score(model: Scorer, samples: Sequence[LMSample], device: torch.device, batch_size: int = 16) -> list[NLL]:
     """Every sample's NLL, `batch_size` right-padded samples per call of `model.sequence_nll`."""
     out = []
-    for start in range(0, len(samples), batch_size):
-        batch = collate_lm(samples[start : start + batch_size], pad_id=0)
-        sums = model.sequence_nll(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+    for inputs in batches(samples, device, batch_size):
+        sums = model.sequence_nll(*inputs)
         rows = zip(*(sums[k].tolist() for k in ("text", "n_text", "image", "n_image")), strict=True)
         out += [NLL(text, int(n_text), image, int(n_image)) for text, n_text, image, n_image in rows]
     return out
@@ -225,12 +231,7 @@ def object_cells(scene: Scene, h: int, w: int) -> np.ndarray:
 
 def score_image_tokens(model: Any, samples: Sequence[LMSample], device: torch.device, batch_size: int = 16) -> list[np.ndarray]:
     """Every sample's (n_image, 2) semantic / texture NLL per image target (`SemHiTokLM.image_token_nll`)."""
-    out = []
-    for start in range(0, len(samples), batch_size):
-        batch = collate_lm(samples[start : start + batch_size], pad_id=0)
-        rows = model.image_token_nll(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
-        out += [r.cpu().numpy() for r in rows]
-    return out
+    return [row.cpu().numpy() for inputs in batches(samples, device, batch_size) for row in model.image_token_nll(*inputs)]
 
 
 @dataclass
@@ -271,33 +272,36 @@ class DiagnosticSet:
         swap = derangement(len(scenes))
         shown = {"true": [s.caption for s in scenes], "empty": [""] * len(scenes),
                  "swapped": [scenes[swap[k]].caption for k in range(len(scenes))]}  # fmt: skip
-        means, sums = {}, {}
+        means, sums, tokens = {}, {}, {}
         for name, captions in shown.items():
             samples = [self._build(lambda c=c, s=s: self.builder.generation(c, s.image), s.image)
                        for c, s in zip(captions, scenes, strict=True)]  # fmt: skip
-            nll = score(model, samples, self.device, self.batch_size)
-            means[f"nll_{name}"] = float(np.mean([x.image / max(x.n_image, 1) for x in nll]))
-            sums[name] = float(np.mean([x.image for x in nll]))
+            if cells:  # one pass gives both: each image's NLL is the sum of its tokens'
+                tokens[name] = score_image_tokens(model, samples, self.device, self.batch_size)
+                per_image = [(float(t.sum()), len(t)) for t in tokens[name]]
+            else:
+                per_image = [(x.image, x.n_image) for x in score(model, samples, self.device, self.batch_size)]
+            means[f"nll_{name}"] = float(np.mean([nll / max(n, 1) for nll, n in per_image]))
+            sums[name] = float(np.mean([nll for nll, _ in per_image]))
         result = {"scenes": len(scenes), **means, "gap": means["nll_empty"] - means["nll_true"],
                   "gap_swapped": means["nll_swapped"] - means["nll_true"],
                   "gap_per_image": sums["empty"] - sums["true"]}  # fmt: skip
-        return {**result, **(self._cell_split(model, scenes, shown) if cells else {})}
+        return {**result, **(self._cell_split(scenes, tokens) if cells else {})}
 
-    def _cell_split(self, model: Any, scenes: Sequence[HeldOutScene], shown: dict[str, list[str]]) -> dict[str, Any]:
-        """Per-token NLL on object / background cells, semantic / texture level, true and empty caption."""
+    def _cell_split(self, scenes: Sequence[HeldOutScene], tokens: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+        """Per-token NLL on object / background cells, semantic / texture level, true and empty caption, from the
+        per-token NLL of each scene's image (`score_image_tokens`)."""
         masks = []
         for s in scenes:
             grid = self.builder.codes.grid(s.image)
             masks.append(object_cells(s.scene, *grid.semantic.shape[-2:]))
         out: dict[str, Any] = {"object_cell_share": float(np.mean(np.concatenate(masks)))}
         for name in ("true", "empty"):
-            samples = [self._build(lambda c=c, s=s: self.builder.generation(c, s.image), s.image)
-                       for c, s in zip(shown[name], scenes, strict=True)]  # fmt: skip
-            nll = score_image_tokens(model, samples, self.device, self.batch_size)
+            nll = tokens[name]
             for where, pick in (("object", True), ("background", False)):
-                tokens = np.concatenate([n[m == pick] for n, m in zip(nll, masks, strict=True)])  # (N, 2)
+                picked = np.concatenate([n[m == pick] for n, m in zip(nll, masks, strict=True)])  # (N, 2)
                 for k, level in enumerate(("semantic", "texture")):
-                    out[f"nll_{name}_{where}_{level}"] = float(tokens[:, k].mean()) if len(tokens) else float("nan")
+                    out[f"nll_{name}_{where}_{level}"] = float(picked[:, k].mean()) if len(picked) else float("nan")
         for where in ("object", "background"):
             out[f"gap_{where}"] = sum(out[f"nll_empty_{where}_{lv}"] - out[f"nll_true_{where}_{lv}"]
                                       for lv in ("semantic", "texture"))  # fmt: skip

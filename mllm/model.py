@@ -465,9 +465,7 @@ class SemHiTokLM(nn.Module):
         is predicted at t - 1 (HF convention); attention_mask (B, L) or None.
         Returns {"loss", "loss_text", "loss_image"}: token-mean CE over all / text / image targets (0 if none), and
         {"n_text", "n_image"}: how many targets each mean is over (float scalars; the objective weights the means)."""
-        hidden = self.backbone(self.embed(input_ids), attention_mask).last_hidden_state  # (B, L, D)
-        hidden, target = hidden[:, :-1], labels[:, 1:]  # position t predicts label t + 1
-        text, image = self._target_masks(target)
+        hidden, target, text, image = self._teacher_forced(input_ids, attention_mask, labels)
         chunk = self.config.loss_chunk_size
         sum_text = chunked_loss(self._text_loss_sum, hidden[text], target[text], chunk)
         sum_image = chunked_loss(self.head.loss_sum, hidden[image], self.vocab.ids_to_index(target[image]), chunk)
@@ -485,9 +483,7 @@ class SemHiTokLM(nn.Module):
         """Teacher-forced NLL per row (diagnostics, scoring answers): inputs as in `forward` -> {"text", "image"}: (B,)
         float32 NLL summed over each row's text / image targets, {"n_text", "n_image"}: (B,) int64 their counts.
         Rows are independent: a row scores the same alone or right-padded in a batch."""
-        hidden = self.backbone(self.embed(input_ids), attention_mask).last_hidden_state[:, :-1]  # (B, L-1, D)
-        target = labels[:, 1:]
-        text, image = self._target_masks(target)
+        hidden, target, text, image = self._teacher_forced(input_ids, attention_mask, labels)
         rows = torch.arange(len(target), device=target.device)[:, None].expand_as(target)  # (B, L-1)
         per_token = F.cross_entropy(self.text_logits(hidden[text]).float(), target[text], reduction="none")  # (N,)
         text_nll = torch.zeros(len(target), device=target.device).index_add_(0, rows[text], per_token)
@@ -500,9 +496,7 @@ class SemHiTokLM(nn.Module):
         """Teacher-forced NLL of every image target, split by level (diagnostics): inputs as in `forward` -> per row
         a (n_image, 2) float32 tensor in target order: -log p(i) (semantic code) and -log p(j | i) (texture code),
         whose sum is the token's NLL, from the head's joint log-probabilities over the K*m codes (any head)."""
-        hidden = self.backbone(self.embed(input_ids), attention_mask).last_hidden_state[:, :-1]
-        target = labels[:, 1:]
-        _, image = self._target_masks(target)
+        hidden, target, _, image = self._teacher_forced(input_ids, attention_mask, labels)
         out = []
         for h, t, m in zip(hidden, target, image, strict=True):
             joint = self.head.logits(h[m]).float().log_softmax(-1)  # (n, K*m)
@@ -512,6 +506,13 @@ class SemHiTokLM(nn.Module):
             total = -joint[rows, TokenGrid.flat_index(i, j, self.vocab.m)]
             out.append(torch.stack([semantic, total - semantic], dim=-1))
         return out
+
+    def _teacher_forced(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> tuple[Tensor, ...]:
+        """One pass of the decoder -> hidden (B, L-1, D) at positions t, their targets labels[:, t + 1] (B, L-1) and
+        the (text, image) target masks (HF convention: position t predicts label t + 1)."""
+        hidden = self.backbone(self.embed(input_ids), attention_mask).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        return (hidden, target, *self._target_masks(target))
 
     def _text_loss_sum(self, hidden: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(self.text_logits(hidden).float(), target, reduction="sum")

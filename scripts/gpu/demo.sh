@@ -20,7 +20,7 @@ STAGES=(align instruct t2i joint joint-prompts)  # configs/demo/gpu/mllm/; the l
 ovr=() mllm_ovr=() num=10000 held=1000 evaln=200 prompts=96
 if [ "${GPU_DEMO_SMOKE:-0}" = 1 ]; then
     R=runs/demo-gpu-smoke DATA=runs/demo-gpu-smoke/data num=256 held=64 evaln=8 prompts=6
-    ovr=(train.device=cpu train.steps=2 train.ckpt_every=0 train.sample_every=0 "out_dir=")
+    ovr=(train.device=cpu train.steps=2 train.ckpt_every=0 train.sample_every=0)
     mllm_ovr=(train.device=cpu train.steps=2 train.diagnose_every=2 train.num_workers=0)
 elif ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu/demo.sh: error: no CUDA device ($PY): run it on a GPU machine, or GPU_DEMO_SMOKE=1 for the CPU plumbing check" >&2
@@ -45,7 +45,7 @@ tok_cfg() {  # STAGE -> the tokenizer config (and its overrides) for this mode
     if [ ${#ovr[@]} -eq 0 ]; then echo "--config $cfg"; return; fi
     local init=""; [ "$1" = 2 ] && init="train.init_from=$R/tokenizer-stage1/model"
     [ "$1" = 2b ] && init="train.init_from=$R/tokenizer-stage2/model"
-    echo "--config $cfg ${ovr[*]/#out_dir=/out_dir=$R/tokenizer-stage$1} train.data.train=[$DATA/train/images] \
+    echo "--config $cfg ${ovr[*]} out_dir=$R/tokenizer-stage$1 train.data.train=[$DATA/train/images] \
 train.data.num_workers=0 train.probe.data=\"\" $init"
 }
 
