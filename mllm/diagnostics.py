@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
-from mllm.data.mixture import BRIEF_INSTRUCTIONS, LMSample, SampleBuilder, Skip, collate_lm
+from mllm.data.mixture import BRIEF_INSTRUCTIONS, LMSample, SampleBuilder, Skip, box_cells, collate_lm
 from mllm.synthetic.questions import NO, YES, count_question, existence_question
 from mllm.synthetic.scene import CATEGORIES, SHAPES, Scene
 from mllm.vocab import VisualVocab
@@ -220,13 +220,7 @@ def score(model: Scorer, samples: Sequence[LMSample], device: torch.device, batc
 
 def object_cells(scene: Scene, h: int, w: int) -> np.ndarray:
     """(h*w,) bool in raster order: the grid cells an object's box overlaps (with positive area)."""
-    mask = np.zeros((h, w), dtype=bool)
-    for obj in scene.objects:
-        x0, y0, x1, y1 = obj.bbox
-        cols = [c for c in range(w) if min(x1, (c + 1) / w) > max(x0, c / w)]
-        rows = [r for r in range(h) if min(y1, (r + 1) / h) > max(y0, r / h)]
-        mask[np.ix_(rows, cols)] = True
-    return mask.reshape(-1)
+    return box_cells([o.bbox for o in scene.objects], h, w)
 
 
 def score_image_tokens(model: Any, samples: Sequence[LMSample], device: torch.device, batch_size: int = 16) -> list[np.ndarray]:

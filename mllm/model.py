@@ -186,8 +186,9 @@ class ImageHead(Protocol):
     def logits(self, hidden: Tensor) -> Tensor:
         """(…, D) -> (…, K*m) logits in flat index order."""
 
-    def loss_sum(self, hidden: Tensor, index: Tensor) -> Tensor:
-        """Summed negative log-likelihood of (N, D) hidden states for flat code indices (N,)."""
+    def level_nll(self, hidden: Tensor, index: Tensor) -> Tensor:
+        """(N, D) hidden states, flat code indices (N,) -> (N, 2) float32 per-token NLL split by level: -log p(i)
+        (semantic code) and -log p(j | i) (texture code); their sum is the token's NLL."""
 
     def sample(self, hidden: Tensor, choose: Choose) -> Tensor:
         """hidden (G*R, D): G groups of rows continuing the same R images (e.g. conditional, then unconditional rows)
@@ -199,15 +200,20 @@ class FlatImageHead(nn.Module):
 
     def __init__(self, hidden: int, K: int, m: int):  # noqa: N803 (glossary names)
         super().__init__()
+        self.K, self.m = K, m
         self.proj = nn.Linear(hidden, K * m, bias=False)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(…, D) -> (…, K*m)."""
         return self.proj(hidden)
 
-    def loss_sum(self, hidden: Tensor, index: Tensor) -> Tensor:
-        """Summed CE of (N, D) hidden states against flat code indices (N,)."""
-        return F.cross_entropy(self.logits(hidden).float(), index, reduction="sum")
+    def level_nll(self, hidden: Tensor, index: Tensor) -> Tensor:
+        """(N, 2) -log p(i), -log p(j | i) from the joint log-softmax (see `ImageHead.level_nll`)."""
+        joint = self.logits(hidden).float().log_softmax(-1)  # (N, K*m)
+        i, _ = TokenGrid.split_index(index, self.m)
+        rows = torch.arange(len(index), device=index.device)
+        semantic = -joint.unflatten(-1, (self.K, self.m)).logsumexp(-1)[rows, i]
+        return torch.stack([semantic, -joint[rows, index] - semantic], dim=-1)
 
     def sample(self, hidden: Tensor, choose: Choose) -> Tensor:
         """One choice over all K*m codes (see `ImageHead.sample`)."""
@@ -240,11 +246,11 @@ class FactorizedImageHead(nn.Module):
         log_i = self.semantic_logits(hidden).log_softmax(-1).unsqueeze(-1)  # (…, K, 1)
         return (log_i + log_j).flatten(-2)  # (…, K*m): (K, m) row-major is flat index order
 
-    def loss_sum(self, hidden: Tensor, index: Tensor) -> Tensor:
-        """Summed -log p(i) - log p(j | i) of (N, D) hidden states for flat code indices (N,)."""
+    def level_nll(self, hidden: Tensor, index: Tensor) -> Tensor:
+        """(N, 2) -log p(i), -log p(j | i): the two cross-entropies (see `ImageHead.level_nll`)."""
         i, j = TokenGrid.split_index(index, self.m)
-        loss_i = F.cross_entropy(self.semantic_logits(hidden).float(), i, reduction="sum")
-        return loss_i + F.cross_entropy(self.texture_logits(hidden, i).float(), j, reduction="sum")
+        loss_i = F.cross_entropy(self.semantic_logits(hidden).float(), i, reduction="none")
+        return torch.stack([loss_i, F.cross_entropy(self.texture_logits(hidden, i).float(), j, reduction="none")], -1)
 
     def sample(self, hidden: Tensor, choose: Choose) -> Tensor:
         """i chosen from the semantic logits, then j from the texture logits given that i (every group of rows is
@@ -267,16 +273,18 @@ def build_image_head(config: MLLMConfig, hidden: int, K: int, m: int) -> nn.Modu
     return IMAGE_HEADS[config.head](config, hidden, K, m)
 
 
-def chunked_loss(
-    loss_sum: Callable[[Tensor, Tensor], Tensor], hidden: Tensor, target: Tensor, chunk_size: int
-) -> Tensor:
-    """Σ loss_sum(hidden_c, target_c) over row chunks of hidden (N, D) / target (N,) -> float32 scalar.
+def chunked_loss(loss_sum: Callable[..., Tensor], hidden: Tensor, target: Tensor, chunk_size: int, *per_row: Tensor
+                 ) -> Tensor:  # fmt: skip
+    """Σ loss_sum(hidden_c, target_c, *per_row_c) over row chunks of hidden (N, D), target (N,) and any further
+    (N, …) tensors -> float32 sum (a scalar, or whatever shape loss_sum returns, e.g. several sums at once).
 
     Each chunk is activation-checkpointed: its logits are recomputed in backward, so memory stays
     O(chunk_size × classes) instead of O(N × classes)."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for h, t in zip(hidden.split(chunk_size), target.split(chunk_size), strict=True):
-        total = total + (checkpoint(loss_sum, h, t, use_reentrant=False) if torch.is_grad_enabled() else loss_sum(h, t))
+    total: Tensor | float = 0.0
+    split = [x.split(chunk_size) if len(x) else (x,) for x in (hidden, target, *per_row)]  # no rows: one empty chunk
+    for chunk in zip(*split, strict=True):
+        out = checkpoint(loss_sum, *chunk, use_reentrant=False) if torch.is_grad_enabled() else loss_sum(*chunk)
+        total = total + out.float()
     return total
 
 
@@ -459,24 +467,38 @@ class SemHiTokLM(nn.Module):
 
     # ---------------------------------------------------------------- training
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                label_weights: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
         """Training step, both directions. input_ids, labels (B, L) int64 with image ids inline (placeholders expanded,
         `VisualVocab.expand_placeholders` / `segment`); labels IGNORE_INDEX where nothing is learned, and labels[:, t]
-        is predicted at t - 1 (HF convention); attention_mask (B, L) or None.
-        Returns {"loss", "loss_text", "loss_image"}: token-mean CE over all / text / image targets (0 if none), and
-        {"n_text", "n_image"}: how many targets each mean is over (float scalars; the objective weights the means)."""
+        is predicted at t - 1 (HF convention); attention_mask (B, L) or None; label_weights (B, L) float, the weight
+        of each image target in the weighted image means (None: all 1; `collate_lm`, e.g. object cells).
+        Returns {"loss", "loss_text", "loss_image"}: token-mean CE over all / text / image targets (0 if none,
+        unweighted), {"n_text", "n_image"}: how many targets each mean is over (float scalars), and
+        {"image_semantic", "image_texture"}: the label_weights-weighted means of -log p(i) and -log p(j | i) over the
+        image targets (they sum to loss_image when the weights are equal; the objective weights them)."""
         hidden, target, text, image = self._teacher_forced(input_ids, attention_mask, labels)
         chunk = self.config.loss_chunk_size
         sum_text = chunked_loss(self._text_loss_sum, hidden[text], target[text], chunk)
-        sum_image = chunked_loss(self.head.loss_sum, hidden[image], self.vocab.ids_to_index(target[image]), chunk)
-        n_text, n_image = text.sum(), image.sum()
+        weights = (torch.ones_like(target, dtype=torch.float32) if label_weights is None
+                   else label_weights[:, 1:].float())[image]  # fmt: skip
+        index = self.vocab.ids_to_index(target[image])
+        sem, tex, w_sem, w_tex = chunked_loss(self._image_loss_sums, hidden[image], index, chunk, weights)
+        n_text, n_image, w_sum = text.sum(), image.sum(), weights.sum().clamp(min=1e-12)
         return {
-            "loss": (sum_text + sum_image) / (n_text + n_image).clamp(min=1),
+            "loss": (sum_text + sem + tex) / (n_text + n_image).clamp(min=1),
             "loss_text": sum_text / n_text.clamp(min=1),
-            "loss_image": sum_image / n_image.clamp(min=1),
+            "loss_image": (sem + tex) / n_image.clamp(min=1),
             "n_text": n_text.float(),
             "n_image": n_image.float(),
+            "image_semantic": w_sem / w_sum,
+            "image_texture": w_tex / w_sum,
         }
+
+    def _image_loss_sums(self, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        """(4,) Σ -log p(i), Σ -log p(j | i), and the same weighted by `weights` (N,) over the rows."""
+        nll = self.head.level_nll(hidden, index)  # (N, 2)
+        return torch.cat([nll.sum(0), (weights[:, None] * nll).sum(0)])
 
     @torch.no_grad()
     def sequence_nll(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
@@ -487,7 +509,7 @@ class SemHiTokLM(nn.Module):
         rows = torch.arange(len(target), device=target.device)[:, None].expand_as(target)  # (B, L-1)
         per_token = F.cross_entropy(self.text_logits(hidden[text]).float(), target[text], reduction="none")  # (N,)
         text_nll = torch.zeros(len(target), device=target.device).index_add_(0, rows[text], per_token)
-        image_nll = torch.stack([self.head.loss_sum(h[m], self.vocab.ids_to_index(t[m])).float()
+        image_nll = torch.stack([self.head.level_nll(h[m], self.vocab.ids_to_index(t[m])).sum()
                                  for h, t, m in zip(hidden, target, image, strict=True)])  # fmt: skip
         return {"text": text_nll, "n_text": text.sum(1), "image": image_nll, "n_image": image.sum(1)}
 
@@ -495,17 +517,9 @@ class SemHiTokLM(nn.Module):
     def image_token_nll(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> list[Tensor]:
         """Teacher-forced NLL of every image target, split by level (diagnostics): inputs as in `forward` -> per row
         a (n_image, 2) float32 tensor in target order: -log p(i) (semantic code) and -log p(j | i) (texture code),
-        whose sum is the token's NLL, from the head's joint log-probabilities over the K*m codes (any head)."""
+        whose sum is the token's NLL (`ImageHead.level_nll`)."""
         hidden, target, _, image = self._teacher_forced(input_ids, attention_mask, labels)
-        out = []
-        for h, t, m in zip(hidden, target, image, strict=True):
-            joint = self.head.logits(h[m]).float().log_softmax(-1)  # (n, K*m)
-            i, j = TokenGrid.split_index(self.vocab.ids_to_index(t[m]), self.vocab.m)
-            rows = torch.arange(len(i), device=i.device)
-            semantic = -joint.unflatten(-1, (self.vocab.K, self.vocab.m)).logsumexp(-1)[rows, i]  # -log p(i)
-            total = -joint[rows, TokenGrid.flat_index(i, j, self.vocab.m)]
-            out.append(torch.stack([semantic, total - semantic], dim=-1))
-        return out
+        return [self.head.level_nll(h[m], self.vocab.ids_to_index(t[m])) for h, t, m in zip(hidden, target, image, strict=True)]
 
     def _teacher_forced(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> tuple[Tensor, ...]:
         """One pass of the decoder -> hidden (B, L-1, D) at positions t, their targets labels[:, t + 1] (B, L-1) and

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mllm.data.mixture import collate_lm
 from mllm.diagnostics import (
     LOG_KEYS,
     DiagnosticsError,
@@ -219,6 +220,35 @@ def test_image_token_nll_splits_each_tokens_nll_by_level_and_cell(world, head):
                     for where in ("object", "background") for level in ("semantic", "texture"))  # fmt: skip
         assert mixed == pytest.approx(result[f"nll_{name}"], rel=1e-4)
     assert "object_cell_share" not in diag.caption_dependence(model)  # opt-in: the trainer's cheap record skips it
+
+
+@pytest.mark.parametrize("head", ["flat", "factorized"])
+def test_the_forward_weights_image_targets_by_label_weights_per_level(world, head):
+    """Object-cell weights (`SampleBuilder.generation(..., boxes, box_weight)`) reach the forward: image_semantic /
+    image_texture are the label_weights-weighted means of the per-token levels (`image_token_nll`); without weights
+    they sum to loss_image, which is never weighted (the logged NLL)."""
+    diag = diagnostic_set(world, questions=2, captions=3)
+    torch.manual_seed(0)
+    config = MLLMConfig(llm=str(world / "llm"), semhitok=str(world / "semhitok"), adapter_width_sem=16,
+                        adapter_width_pix=8, head=head, head_width=16)  # fmt: skip
+    model = SemHiTokLM.from_config(config).eval()
+    samples = [diag.builder.generation(s.caption, s.image, [o.bbox for o in s.scene.objects], 3.0) for s in diag.scenes[:3]]
+    h, w = diag.builder.codes.grid(diag.scenes[0].image).semantic.shape[-2:]
+    for s, sample in zip(diag.scenes, samples, strict=False):
+        image = model.vocab.is_image_id(sample.labels)
+        assert torch.equal(sample.weights[image], torch.from_numpy(object_cells(s.scene, h, w)) * 2.0 + 1.0)
+    batch = collate_lm(samples, pad_id=0)
+    inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
+    with torch.no_grad():
+        weighted, plain = model(*inputs, batch["label_weights"]), model(*inputs)
+        per_token = torch.cat(model.image_token_nll(*inputs))  # (N, 2)
+    weights = torch.cat([s.weights[model.vocab.is_image_id(s.labels)] for s in samples])
+    want = (weights[:, None] * per_token).sum(0) / weights.sum()
+    assert float(weighted["image_semantic"]) == pytest.approx(float(want[0]), rel=1e-4)
+    assert float(weighted["image_texture"]) == pytest.approx(float(want[1]), rel=1e-4)
+    assert float(plain["image_semantic"] + plain["image_texture"]) == pytest.approx(float(plain["loss_image"]), rel=1e-5)
+    assert float(weighted["loss_image"]) == pytest.approx(float(plain["loss_image"]), rel=1e-6)
+    assert float(weighted["image_semantic"]) != pytest.approx(float(plain["image_semantic"]), rel=1e-4)
 
 
 def test_object_cells_are_the_cells_a_box_overlaps():

@@ -33,6 +33,7 @@ from mllm.data.mixture import (
     MixtureDataset,
     SampleBuilder,
     TextToImageDataset,
+    box_cells,
     build_dataset,
     collate_lm,
     load_captions,
@@ -261,6 +262,41 @@ def test_t2i_captions_draw_fields_by_weight(world):
         load_captions(scenes, sources={"nope": 1})
 
 
+def test_t2i_boxes_weight_the_image_targets_in_object_cells(world, tmp_path):
+    """data.t2i_boxes / t2i_box_weight: a record's boxes give its image targets in the cells they overlap that loss
+    weight (`box_cells`, raster order), every other label 1; the collator carries them as label_weights."""
+    root, text, vocab = world["root"], world["text"], world["vocab"]
+    scenes = root / "synth/scenes.jsonl"
+    pairs = load_captions(scenes, boxes_key="boxes")
+    records = [r for _, r in read_jsonl(scenes)]
+    assert [list(map(list, p.boxes)) for p in pairs] == [r["boxes"] for r in records] and all(p.boxes for p in pairs)
+    assert all(p.boxes == () for p in load_captions(scenes))  # not asked: none
+    data = TextToImageDataset(pairs, world["builder"], cfg_dropout=0.0, box_weight=4.0)
+    sample = data[0]
+    image = vocab.is_image_id(sample.labels)
+    h, w = world["builder"].codes.grid(pairs[0].image).semantic.shape[-2:]
+    cells = torch.from_numpy(box_cells(pairs[0].boxes, h, w))
+    assert 0 < cells.sum() < h * w
+    assert torch.equal(sample.weights[image], torch.where(cells, 4.0, 1.0)) and (sample.weights[~image] == 1).all()
+    plain = TextToImageDataset(pairs, world["builder"], cfg_dropout=0.0)[0]
+    assert plain.weights is None and torch.equal(plain.labels, sample.labels)
+    batch = collate_lm([plain, sample], pad_id=0)
+    assert torch.equal(batch["label_weights"][1], sample.weights) and (batch["label_weights"][0] == 1).all()
+    lower_right = box_cells([(0.5, 0.5, 0.75, 1.0)], 4, 4)  # a box edge on a cell edge: that cell is not in
+    assert lower_right.reshape(4, 4)[2:, 2].all() and lower_right.sum() == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "captions": ["x"], "boxes": [[0.2, 0.1, 0.1, 0.3]]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'boxes' must be a list of \[x0, y0, x1, y1\] boxes"):
+        load_captions(bad, boxes_key="boxes")
+    with pytest.raises(ValueError, match="box_weight must be finite and > 0"):
+        TextToImageDataset(pairs, world["builder"], box_weight=0.0)
+    config = DataConfig(codes=str(root / "codes"), stage="t2i", captions=str(scenes), t2i_box_weight=2.0)
+    with pytest.raises(ValueError, match="data.t2i_box_weight needs data.t2i_boxes"):
+        build_dataset(config, text, vocab, root / "tok")
+    weighted = build_dataset(dataclasses.replace(config, t2i_boxes="boxes"), text, vocab, root / "tok")
+    assert any(item.weights is not None and (item.weights == 2.0).any() for item in weighted)
+
+
 def test_caption_understanding_answers_with_a_caption(world):
     pairs = load_captions(world["root"] / "synth/scenes.jsonl")
     item = CaptionDataset(pairs, world["builder"], seed=0)[2]
@@ -313,6 +349,7 @@ def test_collate_pads_right_and_masks(world):
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]
+    assert batch["label_weights"].tolist() == [[1.0] * 3] * 2  # no sample weights: all 1
     assert (batch["direction"], batch["num_skipped"], batch["num_truncated"]) == (["understanding", "generation"], 1, 1)
     empty = collate_lm([BadItem(0, "k", MISSING_IMAGE)], pad_id=0)
     assert empty["input_ids"].shape == empty["labels"].shape == empty["attention_mask"].shape == (0, 0)

@@ -247,15 +247,30 @@ def test_chunked_loss_equals_full_cross_entropy_values_and_gradients(kind):
         loss.backward()
         return loss.detach(), [hidden.grad.clone(), *(p.grad.clone() for p in head.parameters())]
 
-    chunked, chunked_grads = run(lambda: chunked_loss(head.loss_sum, hidden, index, chunk_size=4))
+    loss_sum = lambda h, t: head.level_nll(h, t).sum()  # noqa: E731
+    chunked, chunked_grads = run(lambda: chunked_loss(loss_sum, hidden, index, chunk_size=4))
     full, full_grads = run(lambda: F.cross_entropy(head.logits(hidden), index, reduction="sum"))
     assert torch.allclose(chunked, full, atol=1e-5)
     for a, b in zip(chunked_grads, full_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     saved = []  # what autograd keeps after the forward: never the (N, K*m) logits, only chunk inputs
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        chunked_loss(head.loss_sum, hidden, index, chunk_size=4)
+        chunked_loss(loss_sum, hidden, index, chunk_size=4)
     assert max(saved, default=0) <= 4 * 24
+
+
+@pytest.mark.parametrize("kind", ["flat", "factorized"])
+def test_level_nll_is_minus_log_p_of_the_semantic_code_and_of_the_texture_code_given_it(kind):
+    torch.manual_seed(0)
+    head = build_image_head(MLLMConfig(llm="", semhitok="", head=kind, head_width=16), hidden=24, K=32, m=4)
+    hidden, index = torch.randn(13, 24), torch.randint(0, 128, (13,))
+    with torch.no_grad():
+        nll = head.level_nll(hidden, index)
+        p = head.logits(hidden).double().softmax(-1).view(13, 32, 4)  # p(i, j)
+    rows, (i, j) = torch.arange(13), TokenGrid.split_index(index, 4)
+    p_i = p.sum(-1)[rows, i]
+    assert torch.allclose(nll[:, 0].double(), -p_i.log(), atol=1e-5)
+    assert torch.allclose(nll[:, 1].double(), -(p[rows, i, j] / p_i).log(), atol=1e-5)
 
 
 def test_factorized_head_is_a_distribution_over_k_times_m():

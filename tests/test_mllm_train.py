@@ -206,17 +206,20 @@ def test_loss_combines_per_modality_means_or_one_token_mean(world, tmp_path):
     """train.loss: modality (default) = w_text * text mean + w_image * image mean, a modality without targets adding
     0; tokens = one weighted mean over all targets (weights 1: the plain token mean)."""
     out = {"loss_text": torch.tensor(2.0), "loss_image": torch.tensor(6.0), "n_text": torch.tensor(3.0),
-           "n_image": torch.tensor(96.0)}  # fmt: skip
+           "n_image": torch.tensor(96.0), "image_semantic": torch.tensor(4.0), "image_texture": torch.tensor(2.0)}  # fmt: skip
     assert combine(out, LossConfig()) == 8.0 and combine(out, LossConfig(text=2.0, image=0.5)) == 7.0
+    assert combine(out, LossConfig(texture=0.25)) == 2.0 + 4.0 + 0.25 * 2.0  # the texture level inside the image term
     assert combine(out, LossConfig(mode="tokens")) == pytest.approx((2 * 3 + 6 * 96) / 99)
     assert combine(out, LossConfig(mode="tokens", text=2.0, image=0.5)) == pytest.approx((4 * 3 + 3 * 96) / 99)
-    no_image = {**out, "loss_image": torch.tensor(0.0), "n_image": torch.tensor(0.0)}  # the forward's mean over none
+    no_image = {**out, "loss_image": torch.tensor(0.0), "n_image": torch.tensor(0.0), "image_semantic": torch.tensor(0.0),
+                "image_texture": torch.tensor(0.0)}  # the forward's means over none  # fmt: skip
     assert combine(no_image, LossConfig()) == combine(no_image, LossConfig(mode="tokens")) == 2.0
     run = tiny_run(world, tmp_path, "train.loss.mode=tokens", "train.loss.image=0.25")
     assert run.train.loss == LossConfig(mode="tokens", text=1.0, image=0.25)
     assert tiny_run(world, tmp_path).train.loss == LossConfig(mode="modality", text=1.0, image=1.0)
     for bad, match in (("train.loss.mode=mean", r"train.loss.mode: 'mean' is not one of \['modality', 'tokens'\]"),
-                       ("train.loss.image=-1", "must be finite and >= 0"), ("train.loss.text=0", None),
+                       ("train.loss.image=-1", "must be finite and >= 0"), ("train.loss.texture=-0.5", ">= 0"),
+                       ("train.loss.text=0", None),
                        ("train.loss.weights=1", r"unknown key\(s\) \['train.loss.weights'\]")):  # fmt: skip
         if match is None:  # text 0 alone is allowed (generation only); both 0 is not
             with pytest.raises(ConfigError, match="both 0"):

@@ -16,7 +16,9 @@ Layouts (`SampleBuilder` is the one place they are assembled; ids from the text 
     generation     (choice) the chat template's user turn GENERATION_PROMPT.format(caption) + assistant prefix
                    (`mllm.conversation.generation_prompt_ids`), then `<boi> ids <eoi>`; labels = the image ids +
                    `<eoi>` (`<boi>` is given: the sampler appends it). The unconditional prompt is the same with
-                   caption "" (`generation_prompt_ids(""...)`).
+                   caption "" (`generation_prompt_ids(""...)`). With `data.t2i_box_weight` the image targets in
+                   the grid cells a record's boxes overlap get that weight in the weighted image means
+                   (`LMSample.weights`, `collate_lm`'s label_weights).
 Over-long samples: text is cut from the end to `max_length` and counted (`LMSample.num_truncated`), unless the cut
 would remove any image token (a partial image, or an image whose answer is cut anyway): then the sample is skipped
 (IMAGE_CUT), as is one with no label left (NO_TARGETS).
@@ -24,6 +26,7 @@ would remove any image token (a partial image, or an image whose answer is cut a
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +49,10 @@ from mllm.conversation import (
 )
 from mllm.data.llava import LlavaSample, load_llava
 from mllm.vocab import VisualVocab, VocabError
+from semhitok import TokenGrid
 from semhitok.runtime import BadItem, read_jsonl
+
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), normalised to [0, 1]
 
 UNDERSTANDING, GENERATION = "understanding", "generation"
 BRIEF_INSTRUCTIONS = (  # LLaVA's brief-description instructions (pre-training on captions)
@@ -89,12 +95,14 @@ class LMSample:
     """One training sequence, image ids inline.
     input_ids, labels: (L,) int64; labels IGNORE_INDEX where nothing is learned (labels[t] is predicted at t - 1)
     direction:         UNDERSTANDING | GENERATION
-    num_truncated:     text tokens cut from the end to fit max_length (0 when it fit)"""
+    num_truncated:     text tokens cut from the end to fit max_length (0 when it fit)
+    weights:           (L,) float32 weight of each label in the loss's weighted image means (None: all 1)"""
 
     input_ids: Tensor
     labels: Tensor
     direction: str
     num_truncated: int = 0
+    weights: Tensor | None = None
 
 
 class Skip(Exception):
@@ -139,11 +147,15 @@ class SampleBuilder:
         """The template with its system prompt, as every sample is rendered."""
         return conversation_template(self.template, self.system)
 
-    def image_ids(self, key: str) -> Tensor:
-        """(1, h*w) image ids of one cached image; Skip(MISSING_IMAGE) if it has no codes."""
+    def grid(self, key: str) -> TokenGrid:
+        """The codes (1, h, w) of one cached image; Skip(MISSING_IMAGE) if it has none."""
         if key not in self.codes:
             raise Skip(MISSING_IMAGE)
-        return self.vocab.to_ids(self.codes.grid(key))
+        return self.codes.grid(key)
+
+    def image_ids(self, key: str) -> Tensor:
+        """(1, h*w) image ids of one cached image; Skip(MISSING_IMAGE) if it has no codes."""
+        return self.vocab.to_ids(self.grid(key))
 
     def understanding(self, turns: Sequence, image: str | None) -> LMSample:
         """LLaVA turns (human first, gpt last) about `image` (None: text only) -> sample labelled on the answers."""
@@ -160,14 +172,22 @@ class SampleBuilder:
             ids, labels = self.vocab.expand_placeholders(ids, labels, self.image_ids(image))
         return self._fit(ids, labels, UNDERSTANDING)
 
-    def generation(self, caption: str, image: str) -> LMSample:
-        """caption ("" = unconditional) -> prompt + `<boi> ids <eoi>`, labelled on the ids and `<eoi>`."""
-        segment = self.vocab.segment(self.image_ids(image))[0]  # (h*w + 2,)
+    def generation(self, caption: str, image: str, boxes: Sequence[Box] = (), box_weight: float = 1.0) -> LMSample:
+        """caption ("" = unconditional) -> prompt + `<boi> ids <eoi>`, labelled on the ids and `<eoi>`. With
+        box_weight != 1, the image targets in grid cells that one of `boxes` overlaps get that loss weight
+        (`box_cells`), the others 1."""
+        grid = self.grid(image)
+        segment = self.vocab.segment(self.vocab.to_ids(grid))[0]  # (h*w + 2,)
         prompt = generation_prompt_ids(caption, self.tokenizer, self.conversation, self.prompt)
         labels = torch.cat([torch.full((len(prompt) + 1,), IGNORE_INDEX), segment[1:]])  # <boi> is given
-        return self._fit(torch.cat([prompt, segment]), labels, GENERATION)
+        weights = None
+        if box_weight != 1.0 and boxes:
+            cells = torch.from_numpy(box_cells(boxes, *grid.semantic.shape[-2:]))
+            weights = torch.ones(len(labels))
+            weights[len(prompt) + 1 : len(prompt) + 1 + len(cells)][cells] = box_weight
+        return self._fit(torch.cat([prompt, segment]), labels, GENERATION, weights)
 
-    def _fit(self, ids: Tensor, labels: Tensor, direction: str) -> LMSample:
+    def _fit(self, ids: Tensor, labels: Tensor, direction: str, weights: Tensor | None = None) -> LMSample:
         """Cut to max_length from the end; Skip if that would drop an image token or leave no label."""
         keep = self.max_length
         v = self.vocab
@@ -176,7 +196,19 @@ class SampleBuilder:
             raise Skip(IMAGE_CUT)
         if (labels[:keep] == IGNORE_INDEX).all():
             raise Skip(NO_TARGETS)
-        return LMSample(ids[:keep], labels[:keep], direction, num_truncated=max(len(ids) - keep, 0))
+        return LMSample(ids[:keep], labels[:keep], direction, num_truncated=max(len(ids) - keep, 0),
+                        weights=None if weights is None else weights[:keep])  # fmt: skip
+
+
+def box_cells(boxes: Sequence[Box], h: int, w: int) -> np.ndarray:
+    """(h*w,) bool in raster order (the image ids' order): the cells of an h x w grid that one of `boxes`
+    ((x0, y0, x1, y1), normalised to [0, 1]) overlaps with positive area."""
+    mask = np.zeros((h, w), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        cols = [c for c in range(w) if min(x1, (c + 1) / w) > max(x0, c / w)]
+        rows = [r for r in range(h) if min(y1, (r + 1) / h) > max(y0, r / h)]
+        mask[np.ix_(rows, cols)] = True
+    return mask.reshape(-1)
 
 
 def _build(index: int, key: str, make: Callable[[], LMSample]) -> LMSample | BadItem:
@@ -239,6 +271,7 @@ class CaptionPair:
     image: str  # image key in the code cache
     captions: tuple[str, ...]  # one or more captions of the image
     weights: tuple[float, ...] | None = None  # probability of drawing each caption; None = uniform
+    boxes: tuple[Box, ...] = ()  # the objects' boxes (x0, y0, x1, y1), normalised, where the record has them
 
     def draw(self, rng: np.random.Generator) -> str:
         if self.weights is None:
@@ -260,13 +293,15 @@ def _texts(value: Any) -> tuple[str, ...]:
 
 
 def load_captions(path: str | Path, image_key: str = "image", caption_key: str = "captions",
-                  sources: Mapping[str, float] | None = None) -> list[CaptionPair]:  # fmt: skip
+                  sources: Mapping[str, float] | None = None, boxes_key: str = "") -> list[CaptionPair]:  # fmt: skip
     """(image, captions) pairs from JSON lines (synthetic scenes.jsonl, COCO annotations.jsonl, any JSONL with an image
     path and a caption string or list). Records without a caption are left out.
 
     sources: caption fields (dotted keys read nested objects, e.g. "geneval.prompt") -> weight. A pair then draws a
     field by weight among the fields its record has, and a caption of that field uniformly: {captions: 1, geneval.prompt:
-    1} draws a scene's GenEval-style prompt half the time, where it has one. None: `caption_key` alone, uniformly."""
+    1} draws a scene's GenEval-style prompt half the time, where it has one. None: `caption_key` alone, uniformly.
+    boxes_key: a field holding the image's object boxes as [x0, y0, x1, y1] lists normalised to [0, 1] (synthetic
+    scenes.jsonl: "boxes"); records without it have none; a malformed one is a ValueError naming the line."""
     if sources is not None:
         bad = {k: w for k, w in sources.items() if not (isinstance(w, int | float) and w > 0)}
         if not sources or bad:
@@ -285,8 +320,21 @@ def load_captions(path: str | Path, image_key: str = "image", caption_key: str =
         captions = tuple(c for v in found.values() for c in v)
         total = sum(fields[k] for k in found)
         weights = tuple(fields[k] / total / len(v) for k, v in found.items() for _ in v) if sources else None
-        pairs.append(CaptionPair(rec[image_key], captions, weights))
+        pairs.append(CaptionPair(rec[image_key], captions, weights, _boxes(rec, boxes_key, f"{path}:{lineno}")))
     return pairs
+
+
+def _boxes(rec: Mapping[str, Any], key: str, where: str) -> tuple[Box, ...]:
+    value = _field(rec, key) if key else None
+    if value is None:
+        return ()
+    ok = isinstance(value, list) and all(
+        isinstance(b, list) and len(b) == 4 and all(isinstance(v, int | float) for v in b)
+        and 0 <= b[0] <= b[2] <= 1 and 0 <= b[1] <= b[3] <= 1 for b in value
+    )  # fmt: skip
+    if not ok:
+        raise ValueError(f"{where}: {key!r} must be a list of [x0, y0, x1, y1] boxes within [0, 1], got {value!r:.80}")
+    return tuple(tuple(float(v) for v in b) for b in value)
 
 
 class CaptionDataset(_Source):
@@ -314,10 +362,14 @@ class CaptionDataset(_Source):
 class TextToImageDataset(_Source):
     """Generation samples: a caption drawn per (epoch, index), replaced by "" with probability `cfg_dropout`."""
 
-    def __init__(self, pairs: Sequence[CaptionPair], builder: SampleBuilder, cfg_dropout: float = 0.1, seed: int = 0):
+    def __init__(self, pairs: Sequence[CaptionPair], builder: SampleBuilder, cfg_dropout: float = 0.1, seed: int = 0,
+                 box_weight: float = 1.0):  # fmt: skip
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
+        if not (math.isfinite(box_weight) and box_weight > 0):
+            raise ValueError(f"box_weight must be finite and > 0, got {box_weight}")
         self.pairs, self.builder, self.cfg_dropout, self.seed = list(pairs), builder, cfg_dropout, seed
+        self.box_weight = box_weight
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -329,8 +381,9 @@ class TextToImageDataset(_Source):
         return "" if rng.random() < self.cfg_dropout else caption
 
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
-        image = self.pairs[index].image
-        return _build(index, image, lambda: self.builder.generation(self.caption(index, epoch), image))
+        p = self.pairs[index]
+        make = lambda: self.builder.generation(self.caption(index, epoch), p.image, p.boxes, self.box_weight)  # noqa: E731
+        return _build(index, p.image, make)
 
     def length_hint(self, index: int, epoch: int) -> int:
         return len(self.builder.prompt) + len(self.caption(index, epoch)) + IMAGE_HINT
@@ -409,7 +462,8 @@ def collate_lm(batch: Sequence[LMSample | BadItem], pad_id: int) -> dict[str, An
     """Right-pad samples into a batch, dropping BadItems.
 
     Returns input_ids (B, L) int64 (pad_id on pads), attention_mask (B, L) int64 (0 on pads), labels (B, L) int64
-    (IGNORE_INDEX on pads), direction (list of B str), batch_size B, num_truncated (samples that were cut),
+    (IGNORE_INDEX on pads), label_weights (B, L) float32 (`LMSample.weights`, 1 where a sample has none),
+    direction (list of B str), batch_size B, num_truncated (samples that were cut),
     num_skipped and skipped (the BadItems: `semhitok.runtime.SkipCounter.update` sums them). All skipped: B = L = 0."""
     good = [b for b in batch if isinstance(b, LMSample)]
     skipped = [b for b in batch if isinstance(b, BadItem)]
@@ -417,10 +471,14 @@ def collate_lm(batch: Sequence[LMSample | BadItem], pad_id: int) -> dict[str, An
     ids = torch.full((len(good), length), pad_id, dtype=torch.long)
     labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(good), length), dtype=torch.long)
+    weights = torch.ones((len(good), length), dtype=torch.float32)
     for row, b in enumerate(good):
         n = len(b.input_ids)
         ids[row, :n], labels[row, :n], mask[row, :n] = b.input_ids, b.labels, 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "direction": [b.direction for b in good],
+        if b.weights is not None:
+            weights[row, :n] = b.weights
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "label_weights": weights,
+            "direction": [b.direction for b in good],
             "batch_size": len(good), "num_truncated": sum(b.num_truncated > 0 for b in good),
             "num_skipped": len(skipped), "skipped": skipped}  # fmt: skip
 
@@ -441,6 +499,8 @@ class DataConfig:
     caption_key: str = "captions"
     t2i_captions: Mapping[str, float] = field(default_factory=dict)  # source "t2i" draws captions from these fields
     # by weight (`load_captions(sources=...)`), e.g. {captions: 1, geneval.prompt: 1}; {} = caption_key uniformly
+    t2i_boxes: str = ""  # field of the captions records holding the objects' boxes (synthetic scenes: "boxes")
+    t2i_box_weight: float = 1.0  # loss weight of the image targets in cells those boxes overlap (1: no weighting)
     template: str = "chat_template"
     max_length: int = 2048
     prompt: str = GENERATION_PROMPT
@@ -473,5 +533,8 @@ def _make_source(name: str, config: DataConfig, builder: SampleBuilder) -> _Sour
         return ConversationDataset(path, builder)
     if name == "caption":
         return CaptionDataset(load_captions(path, caption_key=config.caption_key), builder, config.seed)
-    pairs = load_captions(path, caption_key=config.caption_key, sources=dict(config.t2i_captions) or None)
-    return TextToImageDataset(pairs, builder, config.cfg_dropout, config.seed)
+    if config.t2i_box_weight != 1.0 and not config.t2i_boxes:
+        raise ValueError("data.t2i_box_weight needs data.t2i_boxes: the captions field that holds the boxes")
+    pairs = load_captions(path, caption_key=config.caption_key, sources=dict(config.t2i_captions) or None,
+                          boxes_key=config.t2i_boxes)  # fmt: skip
+    return TextToImageDataset(pairs, builder, config.cfg_dropout, config.seed, config.t2i_box_weight)

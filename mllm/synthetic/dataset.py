@@ -1,8 +1,8 @@
 """Write a synthetic-domain dataset folder: images plus every annotation file the framework reads.
 
 Layout (image paths inside every file are relative to the folder):
-  images/<id>.png, scenes.jsonl (scene, captions, the GenEval entry it was built for or null; that entry's prompt is also the
-  scene's last caption, so text-to-image training sees GenEval's own phrasing),
+  images/<id>.png, scenes.jsonl (scene, its objects' boxes, captions, the GenEval entry it was built for or null; that
+  entry's prompt is also the scene's last caption, so text-to-image training sees GenEval's own phrasing),
   geneval_metadata.jsonl, pope_{random,popular,adversarial}.jsonl, mme.jsonl, llava.json (1-4 independent, balanced
   questions per record, `conversations` records per image: `questions.sample_questions`), probe.jsonl (attribute
   targets per image for the tokenizer's code probes: semhitok.attribute_probe.ProbeSet).
@@ -61,7 +61,8 @@ def write_dataset(out: Path, num: int, size: int = 256, seed: int = 0, conversat
     write_jsonl(
         out / "scenes.jsonl",
         [
-            {"id": i, "image": im, "scene": s.to_dict(), "captions": captions(s) + ([e["prompt"]] if e else []), "geneval": e}
+            {"id": i, "image": im, "scene": s.to_dict(), "boxes": [list(o.bbox) for o in s.objects],
+             "captions": captions(s) + ([e["prompt"]] if e else []), "geneval": e}  # fmt: skip
             for i, im, s, e in rows
         ],
     )

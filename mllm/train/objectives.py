@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "label_weights")
 
 
 @dataclass(frozen=True)
@@ -26,21 +26,28 @@ class LossConfig:
         whose modality has no targets in the micro-batch is 0. Each direction gets its weight whatever its share of
         the tokens (an image is h*w targets, a yes/no answer two).
     tokens: (text * sum over text targets + image * sum over image targets) / (all targets): one mean over every
-        labelled token (at weights 1 the loss before per-modality means existed)."""
+        labelled token (at weights 1 the loss before per-modality means existed).
+    texture: the weight of the texture level inside the image term, whose mean is then the mean of -log p(i) +
+        texture * -log p(j | i) (1: the image NLL; < 1 spends the generation gradient on the semantic codes, where
+        what the caption says lives). The image means are weighted per target by the batch's `label_weights`
+        (`data.t2i_box_weight`: object cells)."""
 
     mode: Literal["modality", "tokens"] = "modality"
     text: float = 1.0
     image: float = 1.0
+    texture: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.text) and math.isfinite(self.image)) or min(self.text, self.image) < 0:
-            raise ValueError(f"train.loss.text and .image must be finite and >= 0, got {self.text}, {self.image}")
+        weights = (self.text, self.image, self.texture)
+        if not all(math.isfinite(w) for w in weights) or min(weights) < 0:
+            raise ValueError(f"train.loss.text, .image and .texture must be finite and >= 0, got {weights}")
         if self.text == self.image == 0:
             raise ValueError("train.loss.text and train.loss.image are both 0: nothing would be learned")
 
 
 class StageObjective:
-    """The loss of one micro-batch: the model's forward ({"loss_text", "loss_image", "n_text", "n_image", ...}) with
+    """The loss of one micro-batch: the model's forward ({"loss_text", "loss_image", "n_text", "n_image",
+    "image_semantic", "image_texture", ...}) with
     "loss" replaced by the optimised combination of `weights` (`combine`)."""
 
     name: ClassVar[str]
@@ -55,8 +62,9 @@ class StageObjective:
 
 
 def combine(out: dict[str, Tensor], w: LossConfig) -> Tensor:
-    """The optimised scalar from the per-modality token means and their target counts (see `LossConfig`)."""
-    text, image = w.text * out["loss_text"], w.image * out["loss_image"]  # a mean over no targets is 0
+    """The optimised scalar from the model's per-modality token means and their target counts (see `LossConfig`)."""
+    image = w.image * (out["image_semantic"] + w.texture * out["image_texture"])  # a mean over no targets is 0
+    text = w.text * out["loss_text"]
     if w.mode == "modality":
         return text + image
     return (text * out["n_text"] + image * out["n_image"]) / (out["n_text"] + out["n_image"]).clamp(min=1)
