@@ -208,12 +208,14 @@ class FlatImageHead(nn.Module):
         return self.proj(hidden)
 
     def level_nll(self, hidden: Tensor, index: Tensor) -> Tensor:
-        """(N, 2) -log p(i), -log p(j | i) from the joint log-softmax (see `ImageHead.level_nll`)."""
-        joint = self.logits(hidden).float().log_softmax(-1)  # (N, K*m)
+        """(N, 2) -log p(i), -log p(j | i) from the joint logits (see `ImageHead.level_nll`): with lse the
+        log-normaliser over all K*m and lse_i over the m codes of row i, -log p(i) = lse - lse_i and
+        -log p(j | i) = lse_i - logit(i, j) (nothing but the logits and (N, m) materialised)."""
+        logits = self.logits(hidden).float()  # (N, K*m)
         i, _ = TokenGrid.split_index(index, self.m)
         rows = torch.arange(len(index), device=index.device)
-        semantic = -joint.unflatten(-1, (self.K, self.m)).logsumexp(-1)[rows, i]
-        return torch.stack([semantic, -joint[rows, index] - semantic], dim=-1)
+        lse_i = logits.unflatten(-1, (self.K, self.m))[rows, i].logsumexp(-1)  # (N,)
+        return torch.stack([logits.logsumexp(-1) - lse_i, lse_i - logits[rows, index]], dim=-1)
 
     def sample(self, hidden: Tensor, choose: Choose) -> Tensor:
         """One choice over all K*m codes (see `ImageHead.sample`)."""
@@ -281,8 +283,7 @@ def chunked_loss(loss_sum: Callable[..., Tensor], hidden: Tensor, target: Tensor
     Each chunk is activation-checkpointed: its logits are recomputed in backward, so memory stays
     O(chunk_size × classes) instead of O(N × classes)."""
     total: Tensor | float = 0.0
-    split = [x.split(chunk_size) if len(x) else (x,) for x in (hidden, target, *per_row)]  # no rows: one empty chunk
-    for chunk in zip(*split, strict=True):
+    for chunk in zip(*(x.split(chunk_size) for x in (hidden, target, *per_row)), strict=True):  # no rows: 1 empty chunk
         out = checkpoint(loss_sum, *chunk, use_reentrant=False) if torch.is_grad_enabled() else loss_sum(*chunk)
         total = total + out.float()
     return total
@@ -474,9 +475,10 @@ class SemHiTokLM(nn.Module):
         is predicted at t - 1 (HF convention); attention_mask (B, L) or None; label_weights (B, L) float, the weight
         of each image target in the weighted image means (None: all 1; `collate_lm`, e.g. object cells).
         Returns {"loss", "loss_text", "loss_image"}: token-mean CE over all / text / image targets (0 if none,
-        unweighted), {"n_text", "n_image"}: how many targets each mean is over (float scalars), and
-        {"image_semantic", "image_texture"}: the label_weights-weighted means of -log p(i) and -log p(j | i) over the
-        image targets (they sum to loss_image when the weights are equal; the objective weights them)."""
+        unweighted), "loss_image_texture": the part of loss_image that is -log p(j | i) (texture given semantic code),
+        {"n_text", "n_image"}: how many targets each mean is over (float scalars), and {"image_semantic",
+        "image_texture"}: the label_weights-weighted means of -log p(i) and -log p(j | i) over the image targets (they
+        sum to loss_image when the weights are equal; the objective weights them)."""
         hidden, target, text, image = self._teacher_forced(input_ids, attention_mask, labels)
         chunk = self.config.loss_chunk_size
         sum_text = chunked_loss(self._text_loss_sum, hidden[text], target[text], chunk)
@@ -489,6 +491,7 @@ class SemHiTokLM(nn.Module):
             "loss": (sum_text + sem + tex) / (n_text + n_image).clamp(min=1),
             "loss_text": sum_text / n_text.clamp(min=1),
             "loss_image": (sem + tex) / n_image.clamp(min=1),
+            "loss_image_texture": tex / n_image.clamp(min=1),
             "n_text": n_text.float(),
             "n_image": n_image.float(),
             "image_semantic": w_sem / w_sum,

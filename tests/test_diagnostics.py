@@ -248,6 +248,7 @@ def test_the_forward_weights_image_targets_by_label_weights_per_level(world, hea
     assert float(weighted["image_texture"]) == pytest.approx(float(want[1]), rel=1e-4)
     assert float(plain["image_semantic"] + plain["image_texture"]) == pytest.approx(float(plain["loss_image"]), rel=1e-5)
     assert float(weighted["loss_image"]) == pytest.approx(float(plain["loss_image"]), rel=1e-6)
+    assert float(plain["loss_image_texture"]) == pytest.approx(float(plain["image_texture"]), rel=1e-5)  # logged
     assert float(weighted["image_semantic"]) != pytest.approx(float(plain["image_semantic"]), rel=1e-4)
 
 

@@ -284,17 +284,23 @@ def test_t2i_boxes_weight_the_image_targets_in_object_cells(world, tmp_path):
     assert torch.equal(batch["label_weights"][1], sample.weights) and (batch["label_weights"][0] == 1).all()
     lower_right = box_cells([(0.5, 0.5, 0.75, 1.0)], 4, 4)  # a box edge on a cell edge: that cell is not in
     assert lower_right.reshape(4, 4)[2:, 2].all() and lower_right.sum() == 2
+    assert TextToImageDataset(pairs, world["builder"], cfg_dropout=1.0, box_weight=4.0)[0].weights is None  # CFG's ""
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"image": "a.png", "captions": ["x"], "boxes": [[0.2, 0.1, 0.1, 0.3]]}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'boxes' must be a list of \[x0, y0, x1, y1\] boxes"):
-        load_captions(bad, boxes_key="boxes")
+    bad.write_text('{"image": "a.png", "captions": ["x"], "boxes": [[-0.01, 0.1, 1.0000001, 0.3]]}\n')
+    assert load_captions(bad, boxes_key="boxes")[0].boxes == ((0.0, 0.1, 1.0, 0.3),)  # rounding outside: clipped
+    for boxes in ("[[0.2, 0.1, 0.1, 0.3]]", "[[0.1, 0.1, NaN, 0.3]]", "[0.1, 0.1, 0.2, 0.3]", '"all"'):
+        bad.write_text(f'{{"image": "a.png", "captions": ["x"], "boxes": {boxes}}}\n')
+        with pytest.raises(ValueError, match=r"bad.jsonl:1: 'boxes' must be a list of \[x0, y0, x1, y1\] boxes"):
+            load_captions(bad, boxes_key="boxes")
     with pytest.raises(ValueError, match="box_weight must be finite and > 0"):
         TextToImageDataset(pairs, world["builder"], box_weight=0.0)
     config = DataConfig(codes=str(root / "codes"), stage="t2i", captions=str(scenes), t2i_box_weight=2.0)
     with pytest.raises(ValueError, match="data.t2i_box_weight needs data.t2i_boxes"):
         build_dataset(config, text, vocab, root / "tok")
     weighted = build_dataset(dataclasses.replace(config, t2i_boxes="boxes"), text, vocab, root / "tok")
-    assert any(item.weights is not None and (item.weights == 2.0).any() for item in weighted)
+    assert any(isinstance(item, LMSample) and item.weights is not None and (item.weights == 2.0).any() for item in weighted)
+    with pytest.raises(ValueError, match="no record of .*scenes.jsonl has boxes in 'bbox'"):  # a wrong field name
+        build_dataset(dataclasses.replace(config, t2i_boxes="bbox"), text, vocab, root / "tok")
 
 
 def test_caption_understanding_answers_with_a_caption(world):

@@ -260,6 +260,35 @@ def test_chunked_loss_equals_full_cross_entropy_values_and_gradients(kind):
 
 
 @pytest.mark.parametrize("kind", ["flat", "factorized"])
+def test_chunked_weighted_level_sums_equal_the_unchunked_ones_values_and_gradients(kind):
+    """The forward's image sums (`SemHiTokLM._image_loss_sums` through `chunked_loss` with per-row weights): several
+    checkpointed chunks give the values and gradients of one pass, weights and all."""
+    torch.manual_seed(0)
+    head = build_image_head(MLLMConfig(llm="", semhitok="", head=kind, head_width=16), hidden=24, K=32, m=4)
+    hidden = torch.randn(13, 24, requires_grad=True)
+    index, weights = torch.randint(0, 128, (13,)), torch.rand(13) * 3
+
+    def sums(h, t, w):  # (4,): the two levels' sums, plain and weighted
+        nll = head.level_nll(h, t)
+        return torch.cat([nll.sum(0), (w[:, None] * nll).sum(0)])
+
+    def run(fn):
+        head.zero_grad()
+        hidden.grad = None
+        out = fn()
+        (out * torch.tensor([1.0, 0.5, 2.0, 0.25])).sum().backward()
+        return out.detach(), [hidden.grad.clone(), *(p.grad.clone() for p in head.parameters())]
+
+    chunked, chunked_grads = run(lambda: chunked_loss(sums, hidden, index, 4, weights))
+    full, full_grads = run(lambda: sums(hidden, index, weights))
+    assert chunked.shape == (4,) and torch.allclose(chunked, full, atol=1e-4)
+    for a, b in zip(chunked_grads, full_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    empty = chunked_loss(sums, hidden[:0], index[:0], 4, weights[:0])  # no image targets: zeros of the same shape
+    assert empty.shape == (4,) and not empty.any()
+
+
+@pytest.mark.parametrize("kind", ["flat", "factorized"])
 def test_level_nll_is_minus_log_p_of_the_semantic_code_and_of_the_texture_code_given_it(kind):
     torch.manual_seed(0)
     head = build_image_head(MLLMConfig(llm="", semhitok="", head=kind, head_width=16), hidden=24, K=32, m=4)

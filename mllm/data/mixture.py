@@ -300,8 +300,9 @@ def load_captions(path: str | Path, image_key: str = "image", caption_key: str =
     sources: caption fields (dotted keys read nested objects, e.g. "geneval.prompt") -> weight. A pair then draws a
     field by weight among the fields its record has, and a caption of that field uniformly: {captions: 1, geneval.prompt:
     1} draws a scene's GenEval-style prompt half the time, where it has one. None: `caption_key` alone, uniformly.
-    boxes_key: a field holding the image's object boxes as [x0, y0, x1, y1] lists normalised to [0, 1] (synthetic
-    scenes.jsonl: "boxes"); records without it have none; a malformed one is a ValueError naming the line."""
+    boxes_key: a field holding the image's object boxes as [x0, y0, x1, y1] lists normalised to [0, 1] of the image as
+    the code cache sees it (the centre square `load_image` crops; synthetic scenes are square: "boxes"); records
+    without it have none; a malformed one is a ValueError naming the line."""
     if sources is not None:
         bad = {k: w for k, w in sources.items() if not (isinstance(w, int | float) and w > 0)}
         if not sources or bad:
@@ -325,16 +326,19 @@ def load_captions(path: str | Path, image_key: str = "image", caption_key: str =
 
 
 def _boxes(rec: Mapping[str, Any], key: str, where: str) -> tuple[Box, ...]:
+    """The record's boxes, clipped to [0, 1]; ValueError naming `where` for anything but finite [x0, y0, x1, y1]
+    lists with x0 <= x1 and y0 <= y1."""
     value = _field(rec, key) if key else None
     if value is None:
         return ()
     ok = isinstance(value, list) and all(
-        isinstance(b, list) and len(b) == 4 and all(isinstance(v, int | float) for v in b)
-        and 0 <= b[0] <= b[2] <= 1 and 0 <= b[1] <= b[3] <= 1 for b in value
+        isinstance(b, list) and len(b) == 4 and all(isinstance(v, int | float) and math.isfinite(v) for v in b)
+        and b[0] <= b[2] and b[1] <= b[3] for b in value
     )  # fmt: skip
     if not ok:
-        raise ValueError(f"{where}: {key!r} must be a list of [x0, y0, x1, y1] boxes within [0, 1], got {value!r:.80}")
-    return tuple(tuple(float(v) for v in b) for b in value)
+        raise ValueError(f"{where}: {key!r} must be a list of [x0, y0, x1, y1] boxes (x0 <= x1, y0 <= y1), got "
+                         f"{value!r:.80}")  # fmt: skip
+    return tuple(tuple(min(max(float(v), 0.0), 1.0) for v in b) for b in value)
 
 
 class CaptionDataset(_Source):
@@ -381,9 +385,11 @@ class TextToImageDataset(_Source):
         return "" if rng.random() < self.cfg_dropout else caption
 
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
-        p = self.pairs[index]
-        make = lambda: self.builder.generation(self.caption(index, epoch), p.image, p.boxes, self.box_weight)  # noqa: E731
-        return _build(index, p.image, make)
+        """The generation sample; its object cells weighted by `box_weight` unless the caption was dropped (the
+        weighting points the loss at what a caption says)."""
+        p, caption = self.pairs[index], self.caption(index, epoch)
+        boxes = p.boxes if caption else ()
+        return _build(index, p.image, lambda: self.builder.generation(caption, p.image, boxes, self.box_weight))
 
     def length_hint(self, index: int, epoch: int) -> int:
         return len(self.builder.prompt) + len(self.caption(index, epoch)) + IMAGE_HINT
@@ -537,4 +543,7 @@ def _make_source(name: str, config: DataConfig, builder: SampleBuilder) -> _Sour
         raise ValueError("data.t2i_box_weight needs data.t2i_boxes: the captions field that holds the boxes")
     pairs = load_captions(path, caption_key=config.caption_key, sources=dict(config.t2i_captions) or None,
                           boxes_key=config.t2i_boxes)  # fmt: skip
+    if config.t2i_box_weight != 1.0 and not any(p.boxes for p in pairs):
+        raise ValueError(f"data.t2i_boxes: no record of {path} has boxes in {config.t2i_boxes!r} (rendered before "
+                         "scenes.jsonl recorded them? render the data again)")  # fmt: skip
     return TextToImageDataset(pairs, builder, config.cfg_dropout, config.seed, config.t2i_box_weight)

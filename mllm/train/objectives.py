@@ -30,7 +30,8 @@ class LossConfig:
     texture: the weight of the texture level inside the image term, whose mean is then the mean of -log p(i) +
         texture * -log p(j | i) (1: the image NLL; < 1 spends the generation gradient on the semantic codes, where
         what the caption says lives). The image means are weighted per target by the batch's `label_weights`
-        (`data.t2i_box_weight`: object cells)."""
+        (`data.t2i_box_weight`: object cells): Σ w * nll / Σ w over the micro-batch's image targets, so a weight is
+        relative to the others (the term keeps its scale; in `tokens` mode it is n_image x that mean)."""
 
     mode: Literal["modality", "tokens"] = "modality"
     text: float = 1.0

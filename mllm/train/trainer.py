@@ -173,6 +173,7 @@ class Tally:
     loss_text: float | Tensor = 0.0
     n_text: float = 0.0
     loss_image: float | Tensor = 0.0
+    loss_image_texture: float | Tensor = 0.0
     n_image: float = 0.0
     tokens: float = 0.0
     samples: float = 0.0
@@ -186,6 +187,7 @@ class Tally:
         n_text = int((target != IGNORE_INDEX).sum()) - n_image
         self.loss_text = self.loss_text + out["loss_text"].detach().double() * n_text
         self.loss_image = self.loss_image + out["loss_image"].detach().double() * n_image
+        self.loss_image_texture = self.loss_image_texture + out["loss_image_texture"].detach().double() * n_image
         self.loss, self.micro_batches = self.loss + out["loss"].detach().double(), self.micro_batches + 1
         self.n_text, self.n_image = self.n_text + n_text, self.n_image + n_image
         self.tokens += int(batch["attention_mask"].sum())
@@ -290,7 +292,8 @@ class MLLMTrainer(Trainer):
         r = {
             "step": self.step, "epoch": round(self.stream.seen / self.per_epoch, 4),
             "loss": s.loss / max(s.micro_batches, 1), "loss_text": s.loss_text / max(s.n_text, 1),
-            "loss_image": s.loss_image / max(s.n_image, 1), "lr": lr_at(self.step - 1, self.total, self.t),
+            "loss_image": s.loss_image / max(s.n_image, 1), "loss_image_texture": s.loss_image_texture / max(s.n_image, 1),
+            "lr": lr_at(self.step - 1, self.total, self.t),
             "grad_norm": float(self.grad_norm), "tokens_per_s": s.tokens / seconds, "samples": int(s.samples),
             "understanding": int(s.understanding), "generation": int(s.generation),
             "num_skipped": skipped, "num_truncated": int(s.num_truncated), "sec": seconds,
