@@ -49,7 +49,6 @@ from mllm.conversation import (
 )
 from mllm.data.llava import LlavaSample, load_llava
 from mllm.vocab import VisualVocab, VocabError
-from semhitok import TokenGrid
 from semhitok.runtime import BadItem, read_jsonl
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), normalised to [0, 1]
@@ -147,15 +146,11 @@ class SampleBuilder:
         """The template with its system prompt, as every sample is rendered."""
         return conversation_template(self.template, self.system)
 
-    def grid(self, key: str) -> TokenGrid:
-        """The codes (1, h, w) of one cached image; Skip(MISSING_IMAGE) if it has none."""
-        if key not in self.codes:
-            raise Skip(MISSING_IMAGE)
-        return self.codes.grid(key)
-
     def image_ids(self, key: str) -> Tensor:
         """(1, h*w) image ids of one cached image; Skip(MISSING_IMAGE) if it has no codes."""
-        return self.vocab.to_ids(self.grid(key))
+        if key not in self.codes:
+            raise Skip(MISSING_IMAGE)
+        return self.vocab.to_ids(self.codes.grid(key))
 
     def understanding(self, turns: Sequence, image: str | None) -> LMSample:
         """LLaVA turns (human first, gpt last) about `image` (None: text only) -> sample labelled on the answers."""
@@ -176,13 +171,12 @@ class SampleBuilder:
         """caption ("" = unconditional) -> prompt + `<boi> ids <eoi>`, labelled on the ids and `<eoi>`. With
         box_weight != 1, the image targets in grid cells that one of `boxes` overlaps get that loss weight
         (`box_cells`), the others 1."""
-        grid = self.grid(image)
-        segment = self.vocab.segment(self.vocab.to_ids(grid))[0]  # (h*w + 2,)
+        segment = self.vocab.segment(self.image_ids(image))[0]  # (h*w + 2,)
         prompt = generation_prompt_ids(caption, self.tokenizer, self.conversation, self.prompt)
         labels = torch.cat([torch.full((len(prompt) + 1,), IGNORE_INDEX), segment[1:]])  # <boi> is given
         weights = None
         if box_weight != 1.0 and boxes:
-            cells = torch.from_numpy(box_cells(boxes, *grid.semantic.shape[-2:]))
+            cells = torch.from_numpy(box_cells(boxes, *self.codes.grid(image).semantic.shape[-2:]))
             weights = torch.ones(len(labels))
             weights[len(prompt) + 1 : len(prompt) + 1 + len(cells)][cells] = box_weight
         return self._fit(torch.cat([prompt, segment]), labels, GENERATION, weights)
