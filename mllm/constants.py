@@ -5,9 +5,11 @@ this module imports no `mllm` module.
     IMAGE_PLACEHOLDER  the LLaVA placeholder one image's `<boi> ids <eoi>` replace
     ROLES              LLaVA's turn roles (human, gpt), alternating, human first
     GENERATION_PROMPT  (choice) the chat user turn of text-to-image; caption "" = the unconditional prompt
+    Box                an object's box (x0, y0, x1, y1), normalised to [0, 1] of the image
 """
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("human", "gpt")
 GENERATION_PROMPT = "Generate an image of: {caption}"
+Box = tuple[float, float, float, float]

@@ -262,6 +262,30 @@ def test_t2i_captions_draw_fields_by_weight(world):
         load_captions(scenes, sources={"nope": 1})
 
 
+def test_t2i_repeat_oversamples_records_by_field_value(world):
+    """data.t2i_repeat: a record whose field holds a listed value appears that many times among the pairs (each copy
+    draws its own caption), others once; counts that are not positive integers and values no record has are errors."""
+    root, text, vocab = world["root"], world["text"], world["vocab"]
+    scenes = root / "synth/scenes.jsonl"
+    records = [r for _, r in read_jsonl(scenes)]
+    tags = [(r.get("geneval") or {}).get("tag") for r in records]
+    assert "counting" in tags and "position" in tags and None in tags
+    pairs = load_captions(scenes, repeat={"geneval.tag": {"counting": 3, "position": 2}})
+    times = {"counting": 3, "position": 2}
+    expected = [r["image"] for r, t in zip(records, tags, strict=True) for _ in range(times.get(t, 1))]
+    assert [p.image for p in pairs] == expected
+    config = DataConfig(codes=str(root / "codes"), stage="t2i", captions=str(scenes))
+    plain = build_dataset(config, text, vocab, root / "tok")
+    more = build_dataset(dataclasses.replace(config, t2i_repeat={"geneval.tag": {"counting": 4}}), text, vocab,
+                         root / "tok")  # fmt: skip
+    assert len(more.sources[0]) == len(plain.sources[0]) + 3 * tags.count("counting")
+    for bad in ({"geneval.tag": {"counting": 0}}, {"geneval.tag": {"counting": 1.5}}, {"geneval.tag": {}}):
+        with pytest.raises(ValueError, match="positive integer counts"):
+            load_captions(scenes, repeat=bad)
+    with pytest.raises(ValueError, match="geneval.tag = 'countng'.*matches nothing"):
+        load_captions(scenes, repeat={"geneval.tag": {"countng": 2}})
+
+
 def test_t2i_boxes_weight_the_image_targets_in_object_cells(world, tmp_path):
     """data.t2i_boxes / t2i_box_weight: a record's boxes give its image targets in the cells they overlap that loss
     weight (`box_cells`, raster order), every other label 1; the collator carries them as label_weights."""

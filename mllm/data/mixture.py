@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from mllm.codes import CodeCache
-from mllm.constants import GENERATION_PROMPT, IGNORE_INDEX, IMAGE_PLACEHOLDER
+from mllm.constants import GENERATION_PROMPT, IGNORE_INDEX, IMAGE_PLACEHOLDER, Box
 from mllm.conversation import (
     ConversationError,
     Template,
@@ -50,8 +50,6 @@ from mllm.conversation import (
 from mllm.data.llava import LlavaSample, load_llava
 from mllm.vocab import VisualVocab, VocabError
 from semhitok.runtime import BadItem, read_jsonl
-
-Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), normalised to [0, 1]
 
 UNDERSTANDING, GENERATION = "understanding", "generation"
 BRIEF_INSTRUCTIONS = (  # LLaVA's brief-description instructions (pre-training on captions)
@@ -287,7 +285,8 @@ def _texts(value: Any) -> tuple[str, ...]:
 
 
 def load_captions(path: str | Path, image_key: str = "image", caption_key: str = "captions",
-                  sources: Mapping[str, float] | None = None, boxes_key: str = "") -> list[CaptionPair]:  # fmt: skip
+                  sources: Mapping[str, float] | None = None, boxes_key: str = "",
+                  repeat: Mapping[str, Mapping[str, int]] | None = None) -> list[CaptionPair]:  # fmt: skip
     """(image, captions) pairs from JSON lines (synthetic scenes.jsonl, COCO annotations.jsonl, any JSONL with an image
     path and a caption string or list). Records without a caption are left out.
 
@@ -296,7 +295,15 @@ def load_captions(path: str | Path, image_key: str = "image", caption_key: str =
     1} draws a scene's GenEval-style prompt half the time, where it has one. None: `caption_key` alone, uniformly.
     boxes_key: a field holding the image's object boxes as [x0, y0, x1, y1] lists normalised to [0, 1] of the image as
     the code cache sees it (the centre square `load_image` crops; synthetic scenes are square: "boxes"); records
-    without it have none; a malformed one is a ValueError naming the line."""
+    without it have none; a malformed one is a ValueError naming the line.
+    repeat: field (dotted) -> {value: n}: a record whose field holds that value appears n times in the list (each copy
+    draws its own caption), e.g. {geneval.tag: {counting: 3, position: 3}} oversamples two kinds of scene 3x; several
+    fields multiply; ValueError for a count that is not a positive integer or a value no record has."""
+    repeat = {k: dict(v) for k, v in (repeat or {}).items()}
+    bad_n = {k: v for k, v in repeat.items() if not v or any(not isinstance(n, int) or n < 1 for n in v.values())}
+    if bad_n:
+        raise ValueError(f"caption repeats need positive integer counts per value, got {bad_n}")
+    unseen = {(k, value) for k, v in repeat.items() for value in v}
     if sources is not None:
         bad = {k: w for k, w in sources.items() if not (isinstance(w, int | float) and w > 0)}
         if not sources or bad:
@@ -315,7 +322,17 @@ def load_captions(path: str | Path, image_key: str = "image", caption_key: str =
         captions = tuple(c for v in found.values() for c in v)
         total = sum(fields[k] for k in found)
         weights = tuple(fields[k] / total / len(v) for k, v in found.items() for _ in v) if sources else None
-        pairs.append(CaptionPair(rec[image_key], captions, weights, _boxes(rec, boxes_key, f"{path}:{lineno}")))
+        pair = CaptionPair(rec[image_key], captions, weights, _boxes(rec, boxes_key, f"{path}:{lineno}"))
+        times = 1
+        for key, counts in repeat.items():
+            value = _field(rec, key)
+            if isinstance(value, str | int | float) and str(value) in counts:
+                times *= counts[str(value)]
+                unseen.discard((key, str(value)))
+        pairs.extend([pair] * times)
+    if unseen:
+        raise ValueError(f"{path}: no record with a caption has {' / '.join(f'{k} = {v!r}' for k, v in sorted(unseen))}"
+                         " (a repeat that matches nothing)")  # fmt: skip
     return pairs
 
 
@@ -501,6 +518,8 @@ class DataConfig:
     # by weight (`load_captions(sources=...)`), e.g. {captions: 1, geneval.prompt: 1}; {} = caption_key uniformly
     t2i_boxes: str = ""  # field of the captions records holding the objects' boxes (synthetic scenes: "boxes")
     t2i_box_weight: float = 1.0  # loss weight of the image targets in cells those boxes overlap (1: no weighting)
+    t2i_repeat: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # oversample kinds of record for "t2i":
+    # field -> {value: times}, e.g. {geneval.tag: {counting: 3, position: 3}} (`load_captions(repeat=...)`)
     template: str = "chat_template"
     max_length: int = 2048
     prompt: str = GENERATION_PROMPT
@@ -536,7 +555,7 @@ def _make_source(name: str, config: DataConfig, builder: SampleBuilder) -> _Sour
     if config.t2i_box_weight != 1.0 and not config.t2i_boxes:
         raise ValueError("data.t2i_box_weight needs data.t2i_boxes: the captions field that holds the boxes")
     pairs = load_captions(path, caption_key=config.caption_key, sources=dict(config.t2i_captions) or None,
-                          boxes_key=config.t2i_boxes)  # fmt: skip
+                          boxes_key=config.t2i_boxes, repeat=config.t2i_repeat)  # fmt: skip
     if config.t2i_box_weight != 1.0 and not any(p.boxes for p in pairs):
         raise ValueError(f"data.t2i_boxes: no record of {path} has boxes in {config.t2i_boxes!r} (rendered before "
                          "scenes.jsonl recorded them? render the data again)")  # fmt: skip

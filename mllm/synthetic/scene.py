@@ -16,14 +16,14 @@ from types import MappingProxyType
 
 import numpy as np
 
+from mllm.constants import Box
+
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")  # GenEval's words
 TEXTURES = ("noise", "stripes", "checker", "gradient", "dots")
 RELATIONS = ("left of", "right of", "above", "below")  # GenEval's position words
 OPPOSITE = MappingProxyType({"left of": "right of", "right of": "left of", "above": "below", "below": "above"})
 CATEGORIES = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)  # POPE/MME object categories: "red circle", ...
-
-Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), normalised
 
 
 @dataclass(frozen=True)

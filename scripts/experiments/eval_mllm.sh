@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The held-out measurements of docs/demo.md "Scores" for one MLLM folder, each result in OUT:
+#   geneval  synthetic GenEval, 96 held-out prompts (16 per tag) x 2 images, CFG 3, at each sampling seed
+#            (OUT/geneval-s<seed>/results.json; the mean over the seeds printed at the end)
+#   diag     eval/diagnose.py image-dependence / counts (200 questions), caption-dependence (100 scenes)
+#   lmms     eval/run_lmms.py --tasks demo_pope,demo_mme --limit 300 on tasks built from the same scenes
+#
+#   bash scripts/experiments/eval_mllm.sh MODEL OUT [SEEDS="0 1 2"] [PARTS="geneval diag lmms"]
+#
+# MODEL: an MLLM folder (<train.out_dir>/model, mllm/demo/mllm). Needs the held-out scenes of docs/demo.md:
+#   python scripts/render_synthetic.py --out runs/demo/data/heldout --num 1000 --size 64 --seed 1
+set -euo pipefail
+[ $# -ge 2 ] || { echo "usage: $0 MODEL OUT [SEEDS] [PARTS]" >&2; exit 2; }
+model=$1 out=$2 seeds=${3:-0 1 2} parts=${4:-geneval diag lmms}
+data=${HELDOUT:-runs/demo/data/heldout}
+py=${PYTHON:-.venv/bin/python}
+[ -d "$model" ] || { echo "error: no MLLM folder $model" >&2; exit 2; }
+[ -f "$data/geneval_metadata.jsonl" ] || { echo "error: $data has no held-out scenes; render them (see $0)" >&2; exit 2; }
+mkdir -p "$out"
+for part in $parts; do
+  case $part in
+    geneval)
+      for seed in $seeds; do
+        dir=$out/geneval-s$seed
+        [ -f "$dir/results.json" ] && continue
+        $py eval/geneval.py generate --checkpoint "$model" --metadata "$data/geneval_metadata.jsonl" --out "$dir" \
+          --cfg 3 --num-images 2 --limit 96 --seed "$seed"
+        $py eval/geneval.py score --images "$dir" | tail -n 8
+      done
+      $py - "$out" $seeds <<'EOF'
+import json, sys
+from pathlib import Path
+out, seeds = Path(sys.argv[1]), sys.argv[2:]
+runs = [json.loads((out / f"geneval-s{s}" / "results.json").read_text()) for s in seeds]
+tags = {t: [r["summary"]["tags"][t]["accuracy"] for r in runs] for t in runs[0]["summary"]["tags"]}
+overall = [r["summary"]["overall"] for r in runs]
+print(f"GenEval overall per seed {[round(v, 3) for v in overall]}, mean {sum(overall) / len(overall):.3f}; tags (mean):",
+      ", ".join(f"{t} {sum(v) / len(v):.2f}" for t, v in tags.items()))
+EOF
+      ;;
+    diag)
+      $py eval/diagnose.py image-dependence --model "$model" --data "$data" --n 200 --out "$out/image-dependence.json"
+      $py eval/diagnose.py counts --model "$model" --data "$data" --n 200 --out "$out/counts.json"
+      $py eval/diagnose.py caption-dependence --model "$model" --data "$data" --n 100 --out "$out/caption-dependence.json"
+      ;;
+    lmms)
+      $py eval/build_lmms_tasks.py synthetic --data "$data" --out "$out/lmms_tasks" --name demo
+      $py eval/run_lmms.py --tasks demo_pope,demo_mme --model-path "$model" --include-path "$out/lmms_tasks" \
+        --limit 300 --output "$out/lmms"
+      ;;
+    *) echo "error: unknown part $part (geneval, diag, lmms)" >&2; exit 2 ;;
+  esac
+done
