@@ -10,8 +10,10 @@ evaluation and its export.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -372,7 +374,9 @@ def write_curves(out: Path) -> None:
 
 def run_training(launch: Launch, out_dir: str, build: Callable[[], Trainer]) -> Path:
     """Join the launcher's process group, hold the run folder (one run per out_dir), build -> fit -> export.
-    Returns the exported folder."""
+    Returns the exported folder. `kill -USR1 <pid>` makes a running (or hung) rank print every thread's stack."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     created = join_process_group(launch)
     try:
         with hold_run_folder(out_dir, launch.is_main, launch.device):
