@@ -8,6 +8,9 @@ Parts around the LLM, all in this file:
                      so the new tokens train even when the LLM is frozen or LoRA-adapted
     image_embedding  (`image_input: embedding | both`, an option; the adapter alone is the default, the paper's design)
                      an own trainable input row per image id, instead of / added to the adapter's output
+    image_position   (`image_position: true`, an option) a trainable row per grid cell (H*W x D, starts at 0) added to
+                     every image id's input embedding: which cell of the raster a token fills (1-D RoPE only says
+                     how far apart two tokens are, not in which column or row they sit)
 The code vectors of all K*m image ids are copied once from the SemHiTok checkpoint into frozen buffers: training never
 runs the tokenizer. Text ids use the LLM's own embedding and lm_head; image ids are inline in `input_ids`
 (`VisualVocab`), so one masked scatter places every image embedding. Losses are computed on the labelled positions
@@ -87,7 +90,10 @@ class MLLMConfig:
     (frozen, lora, full) and are saved with the other parts (mllm_parts.safetensors, also in export_merged).
     system_prompt: the system prompt every conversation is rendered with, in training (the data) and inference (chat,
     generate, lmms-eval, GenEval): "" none (a default the chat template injects is removed), null the template's own
-    default (what checkpoints saved before this key were trained with), other text that prompt."""
+    default (what checkpoints saved before this key were trained with), other text that prompt.
+    image_position: add a trainable embedding of the token's grid cell (row-major place in its image, H*W rows of D,
+    initialised to 0, so a model gaining it starts as it was) to each image id's input embedding, in understanding
+    and generation alike; it trains with `train_adapter`."""
 
     llm: str  # local HF folder of the base causal LM
     semhitok: str  # SemHiTok checkpoint folder (config.json + model.safetensors)
@@ -103,6 +109,7 @@ class MLLMConfig:
     wrap_understanding_images: bool = True  # understanding images are `<boi> ids <eoi>` too (else bare ids)
     image_input: Literal["adapter", "embedding", "both"] = "adapter"  # what embeds image ids (see the class doc)
     system_prompt: str | None = ""  # of every conversation, training and inference: "" none, null the template's own
+    image_position: bool = False  # + a trainable embedding of each image id's grid cell (see the class doc)
     train_adapter: bool = True
     train_head: bool = True
     train_special_tokens: bool = True
@@ -120,8 +127,10 @@ class MLLMConfig:
 
 ADDED_KEYS = ("image_grid",)  # newer than some saved checkpoints: filled from their SemHiTok when they load
 # Keys newer than some saved checkpoints, with what those checkpoints were trained with (not today's default): the
-# image ids went through the adapter only, and conversations carried the template's default system prompt.
-LEGACY_VALUES: Mapping[str, object] = MappingProxyType({"image_input": "adapter", "system_prompt": None})
+# image ids went through the adapter only (no grid-cell rows), and conversations carried the template's default system
+# prompt.
+LEGACY_VALUES: Mapping[str, object] = MappingProxyType({"image_input": "adapter", "system_prompt": None,
+                                                        "image_position": False})  # fmt: skip
 
 
 def read_config(path: Path) -> MLLMConfig:
@@ -319,6 +328,14 @@ class SpecialRows(nn.Module):
             output.weight[self.ids] = self.head.to(output.weight.dtype)
 
 
+def image_cells(image: Tensor) -> Tensor:
+    """Image-id mask (B, L) bool -> (B, L) int64: each image id's place in its run of consecutive image ids (0 at the
+    run's first; an image's ids are one run between `<boi>` and `<eoi>`), 0 at other positions."""
+    place = torch.arange(image.shape[-1], device=image.device).expand_as(image)
+    starts = image & ~F.pad(image[:, :-1], (1, 0), value=False)
+    return torch.where(image, place - torch.where(starts, place, 0).cummax(-1).values, 0)
+
+
 def check_codes(vocab: VisualVocab, semhitok: SemHiTok, semhitok_dir: str, where: str) -> None:
     """The image ids/head of `where` and the SemHiTok checkpoint must agree on K and m."""
     K, m = semhitok.config.K, semhitok.config.m  # noqa: N806
@@ -364,8 +381,13 @@ class SemHiTokLM(nn.Module):
         self.special = SpecialRows(vocab.special_ids, llm.get_input_embeddings(), llm.get_output_embeddings())
         rows = config.image_input != "adapter"
         self.image_embedding = nn.Embedding(vocab.num_image_ids, hidden) if rows else None  # (K*m, D) image_input
+        cells = self.config.image_grid[0] * self.config.image_grid[1]
+        self.image_position = nn.Embedding(cells, hidden) if config.image_position else None  # (H*W, D)
+        if self.image_position is not None:
+            nn.init.zeros_(self.image_position.weight)
         trains = {"adapter": config.train_adapter and config.image_input != "embedding", "head": config.train_head,
-                  "special": config.train_special_tokens, "image_embedding": config.train_adapter}  # fmt: skip
+                  "special": config.train_special_tokens, "image_embedding": config.train_adapter,
+                  "image_position": config.train_adapter}  # fmt: skip
         for name, part in self.parts().items():
             part.to(dtype).requires_grad_(trains[name])
         self.init_image_embedding()
@@ -388,7 +410,8 @@ class SemHiTokLM(nn.Module):
     def parts(self) -> nn.ModuleDict:
         """Our trained parts (saved in mllm_parts.safetensors), keyed by their prefix there."""
         rows = {"image_embedding": self.image_embedding} if self.image_embedding is not None else {}
-        return nn.ModuleDict({"adapter": self.adapter, "head": self.head, "special": self.special, **rows})
+        cells = {"image_position": self.image_position} if self.image_position is not None else {}
+        return nn.ModuleDict({"adapter": self.adapter, "head": self.head, "special": self.special, **rows, **cells})
 
     @torch.no_grad()
     def init_image_embedding(self, chunk: int = 4096) -> None:
@@ -432,20 +455,29 @@ class SemHiTokLM(nn.Module):
         image = self.vocab.is_image_id(input_ids)  # (B, L)
         embeds = self.causal_lm.get_input_embeddings()(input_ids.masked_fill(image, 0))  # (B, L, D)
         embeds = self.special.into_embeds(input_ids, embeds)
-        feats = self.image_embeds(input_ids[image])  # (N, D), row-major order of the True positions
+        cells = image_cells(image)[image] if self.image_position is not None else None
+        feats = self.image_embeds(input_ids[image], cells)  # (N, D), row-major order of the True positions
         return embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
 
-    def image_embeds(self, image_ids: Tensor) -> Tensor:
+    def image_embeds(self, image_ids: Tensor, cells: Tensor | int | None = None) -> Tensor:
         """Image ids (…) -> embeddings (…, D) (`index_embeds` of their flat code indices; the ids are checked)."""
-        return self.index_embeds(self.vocab.ids_to_index(image_ids))
+        return self.index_embeds(self.vocab.ids_to_index(image_ids), cells)
 
-    def index_embeds(self, index: Tensor) -> Tensor:
+    def index_embeds(self, index: Tensor, cells: Tensor | int | None = None) -> Tensor:
         """Flat code indices (…) int64 in [0, K*m) -> embeddings (…, D): the adapter on their code vectors, their own
-        rows (`image_input: embedding`), or both added. Unchecked, so no host sync: the sampler feeds what it drew."""
+        rows (`image_input: embedding`), or both added; + the rows of their grid `cells` (… or one int: row-major
+        places, taken modulo H*W) with `image_position`. Unchecked, so no host sync: the sampler feeds what it drew."""
         if self.image_embedding is not None and self.config.image_input == "embedding":
-            return self.image_embedding(index)
-        feats = self.adapter(self.code_sem[index], self.code_pix[index])
-        return feats if self.image_embedding is None else feats + self.image_embedding(index)
+            feats = self.image_embedding(index)
+        else:
+            feats = self.adapter(self.code_sem[index], self.code_pix[index])
+            feats = feats if self.image_embedding is None else feats + self.image_embedding(index)
+        if self.image_position is None:
+            return feats
+        if cells is None:
+            raise ValueError("image_position: index_embeds needs the grid cells of the image ids")
+        weight = self.image_position.weight
+        return feats + weight[cells % len(weight)]  # an int picks one row (no copy to the device per decoding step)
 
     def backbone(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                  past_key_values=None, use_cache: bool = False):  # fmt: skip

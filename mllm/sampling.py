@@ -310,7 +310,7 @@ def sample_image_ids(model: SemHiTokLM, prompts: Sequence[Tensor], uncond: Tenso
             scale = cfg.scale_at(t, num_tokens)
             out[:, t] = draw_image_index(model, hidden, scale, cfg, generators, guided)
             if t + 1 < num_tokens:  # `<eoi>` is forced after the last one: nothing left to predict
-                embeds = model.index_embeds(out[:, t]).to(hidden.dtype)  # (P·N, D), the same for the uncond rows
+                embeds = model.index_embeds(out[:, t], t).to(hidden.dtype)  # (P·N, D), the same for the uncond rows
                 hidden = rows.step_embeds(embeds.repeat(2, 1) if guided else embeds)
     return model.vocab.index_to_ids(out)
 

@@ -107,6 +107,30 @@ def test_cached_steps_over_left_padded_rows_match_one_plain_forward_per_row(mode
         assert torch.allclose(torch.stack([s[b] for s in stepped]), single[b], atol=1e-5)
 
 
+def test_image_position_rows_are_the_cells_the_sampler_feeds(world, tmp_path):
+    """`image_position`: the grid-cell rows start at 0 and are saved with the parts; with rows far from 0, greedy
+    sampling (cell t fed at step t) draws exactly the teacher-forced greedy choices of one plain forward over the
+    sampled image (cells from `embed`'s runs of image ids), for a flat and a factorized head; off by one cell it would
+    not."""
+    for head in ("flat", "factorized"):
+        base = build_tiny_mllm(world, "llama", head)
+        model = SemHiTokLM.from_config(replace(base.config, image_position=True), base.load_text_tokenizer()).eval()
+        assert model.image_position.weight.shape == (NUM, model.causal_lm.config.hidden_size)
+        assert not model.image_position.weight.any() and "image_position" in model.parts()
+        with torch.no_grad():
+            model.image_position.weight.normal_(0, 3.0)
+        model.save_pretrained(tmp_path / head)
+        loaded = SemHiTokLM.from_pretrained(tmp_path / head).eval()
+        assert torch.equal(loaded.image_position.weight, model.image_position.weight)
+        ids = images(model, temperature=0.0, cfg_scale=1.0)  # (P, 16) image ids
+        for p, caption in enumerate(PROMPTS):
+            prompt = torch.cat([prompt_ids(model, caption), torch.tensor([model.vocab.boi_id]), ids[p]])[None]
+            with torch.no_grad():
+                hidden = model.backbone(model.embed(prompt)).last_hidden_state[0, -NUM - 1 : -1]
+                forced = model.vocab.index_to_ids(model.head.sample(hidden, lambda logits: logits.argmax(-1)))
+            assert torch.equal(forced, ids[p])
+
+
 def test_cfg_scale_one_equals_plain_conditional_sampling(models):
     model = models["llama", "flat"]
     cond, uncond = [prompt_ids(model, p) for p in PROMPTS], prompt_ids(model, "")
@@ -478,7 +502,7 @@ def greedy_decisions(run, captions: list[str], cfg: SamplingConfig, forced: torc
         for t in range(steps):
             out[:, t] = draw_image_index(model, hidden, cfg.cfg_scale, cfg, generators, True)
             fed = out[:, t] if forced is None else forced[:, t]
-            hidden = rows.step_embeds(model.index_embeds(fed).to(hidden.dtype).repeat(2, 1))
+            hidden = rows.step_embeds(model.index_embeds(fed, t).to(hidden.dtype).repeat(2, 1))
     return out
 
 

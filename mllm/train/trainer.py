@@ -100,7 +100,8 @@ def load_init(model: SemHiTokLM, folder: Path) -> None:
     """Copy adapter, head, special rows (and image rows) from a previous stage's `save_pretrained` / `export_merged`
     folder, and its LoRA when both stages train the same LoRA (r, alpha, targets) on the same LLM, so a staged recipe
     ships one small LoRA instead of a merged LLM. A model with image rows (`image_input: embedding | both`) from a
-    stage without them starts them from the loaded adapter (`init_image_embedding`).
+    stage without them starts them from the loaded adapter (`init_image_embedding`); one with `image_position` from a
+    stage without it starts its cell rows at 0.
     Its vocabulary must equal this model's, and its LLM must be the one `model.llm` names (a fully trained LLM, or a
     LoRA that does not carry on, is handed over by pointing `model.llm` at that stage's `export/` or `model/llm/`)."""
     try:
@@ -125,6 +126,8 @@ def load_init(model: SemHiTokLM, folder: Path) -> None:
     fresh_rows = model.image_embedding is not None and not any(k.startswith("image_embedding.") for k in state)
     if fresh_rows:  # a stage without image rows (image_input: adapter) before one with them: rows from its adapter
         state = {**state, **{f"image_embedding.{k}": v for k, v in model.image_embedding.state_dict().items()}}
+    if model.image_position is not None and not any(k.startswith("image_position.") for k in state):
+        state = {**state, **{f"image_position.{k}": v for k, v in model.image_position.state_dict().items()}}  # at 0
     try:
         model.parts().load_state_dict(state, strict=True)
     except RuntimeError as err:
