@@ -43,13 +43,14 @@ from mllm.train import (
     grad_accum_of,
     load_run_config,
     lr_at,
+    param_groups,
     resolve_model_paths,
     set_attention,
     train,
 )
 from mllm.vocab import VisualVocab
 from semhitok import PRESETS, SemHiTok
-from semhitok.runtime import ConfigError, seed_everything
+from semhitok.runtime import ConfigError, seed_everything, set_lr
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_mllm.py"
@@ -342,6 +343,24 @@ def test_lr_schedule_warms_up_then_follows_the_cosine(world, tmp_path):
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
+def test_lr_scale_gives_a_part_its_own_lr(world, tmp_path):
+    """train.lr_scale {part: factor}: that part's parameters follow the schedule x factor, the others the schedule;
+    every trainable parameter is in exactly one group; a part the stage does not train is named."""
+    run = tiny_run(world, tmp_path, "model.image_position=true", "train.lr_scale={image_position: 10}")
+    model = build_model(run)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1, run.train.lr_scale), lr=1.0)
+    set_lr(optimizer, 2e-3)
+    lrs = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert lrs[id(model.image_position.weight)] == (pytest.approx(2e-2), 0.1)
+    assert lrs[id(model.adapter.proj.weight)] == (2e-3, 0.1) and lrs[id(model.adapter.proj.bias)] == (2e-3, 0.0)
+    assert len(lrs) == sum(len(g["params"]) for g in optimizer.param_groups)
+    assert len(lrs) == sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError, match=r"lr_scale: \['image_posiiton'\] not among"):
+        param_groups(model, 0.0, {"image_posiiton": 2.0})
+    with pytest.raises(ConfigError, match="lr_scale"):
+        tiny_run(world, tmp_path, "train.lr_scale={head: -1}")
+
+
 def test_stage_parts_are_what_trains(world, tmp_path):
     pretrain = build_model(tiny_run(world, tmp_path, "train.stage=pretrain"))
     assert {n.split(".")[0] for n, p in pretrain.named_parameters() if p.requires_grad} == {"adapter"}  # LLaVA
@@ -464,6 +483,10 @@ def test_a_lora_stage_carries_its_lora_into_the_next_lora_stage(world, tmp_path)
     for other in ("model.lora.r=8", "model.train_llm=full"):
         with pytest.raises(ConfigError, match="holds LoRA weights .*r=4"):
             build_model(tiny_run(world, tmp_path, "train.stage=t2i", other, f"train.init_from={first / 'model'}"))
+    cells = build_model(tiny_run(world, tmp_path, "train.stage=t2i", "model.train_llm=lora", "model.lora.r=4",
+                                 "model.image_position=true", f"train.init_from={first / 'model'}"))  # fmt: skip
+    assert not cells.image_position.weight.any() and cells.image_position.weight.requires_grad  # a new part: at 0
+    assert torch.equal(cells.adapter.proj.weight, saved.adapter.proj.weight)
 
 def test_export_step_writes_a_checkpoint_as_a_model_folder(world, tmp_path):
     """--export-step N: checkpoint N as a model folder (the last one equals the run's own model/), nothing trained;

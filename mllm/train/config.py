@@ -69,6 +69,9 @@ class TrainConfig:
     out_dir: str = ""
     init_from: str = ""  # a previous stage's `model/` or `export/` folder: its adapter, head and special rows
     lr: float = 1e-3
+    # {part: factor}: a part's lr is the schedule's x factor, e.g. {image_position: 10} for a part new in this stage
+    # beside trained ones (parts: adapter, head, special, image_embedding, image_position, llm)
+    lr_scale: dict[str, float] = field(default_factory=dict)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0  # not applied to biases / norms (1-D parameters)
     warmup_ratio: float = 0.03  # linear warm-up over this share of the steps
@@ -114,6 +117,8 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
         check_lr("train.lr", self.lr)
+        if any(not isinstance(v, (int, float)) or v <= 0 for v in self.lr_scale.values()):
+            raise ValueError(f"train.lr_scale: every factor must be a number > 0, got {self.lr_scale}")
         if self.diagnose_every < 0 or (self.diagnose_every > 0) != bool(self.diagnose.data):
             raise ValueError("train.diagnose_every > 0 needs train.diagnose.data (a held-out synthetic folder), and "
                              f"train.diagnose.data needs train.diagnose_every > 0 (got {self.diagnose_every}, "

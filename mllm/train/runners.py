@@ -9,7 +9,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -50,11 +50,24 @@ def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
         p.copy_(state[name])
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters: matrices decay, biases / norm weights (1-D) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: Mapping[str, float] | None = None
+                 ) -> list[dict[str, Any]]:  # fmt: skip
+    """Trainable parameters: matrices decay, biases / norm weights (1-D) do not. `lr_scale` {part: factor}: the
+    parameters under that top-level name (adapter, head, special, image_embedding, image_position, llm) in groups of
+    their own whose lr is the schedule's x factor (`set_lr`); an unknown or untrained part raises ConfigError."""
+    scale, params = dict(lr_scale or {}), [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trained = {n.split(".")[0] for n, _ in params}
+    if set(scale) - trained:
+        raise ConfigError(f"train.lr_scale: {sorted(set(scale) - trained)} not among the parts this stage trains "
+                          f"({', '.join(sorted(trained))})")  # fmt: skip
+    groups = []
+    for factor in sorted({scale.get(n.split(".")[0], 1.0) for n, _ in params}):
+        mine = [p for n, p in params if scale.get(n.split(".")[0], 1.0) == factor]
+        for decays in (True, False):
+            chosen = [p for p in mine if (p.ndim >= 2) == decays]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": weight_decay if decays else 0.0, "lr_scale": factor})
+    return groups
 
 
 class MLLMTorchRunner(TorchRunner):

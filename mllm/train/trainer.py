@@ -245,7 +245,7 @@ class MLLMTrainer(Trainer):
         self.total = t.steps or math.ceil(t.epochs * self.per_epoch / self.accum)
         self.vocab = model.vocab
         self.diagnostics = self._diagnostic_set(tokenizer) if t.diagnose_every else None  # every rank: same errors
-        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.lr_scale), lr=t.lr, betas=t.betas)
         if ds_config is not None:
             autocast = self.precision.autocast(launch.device) if not ds_bf16 else None
             self.runner = DeepSpeedRunner(model, optimizer, launch, ds_config, autocast)

@@ -147,8 +147,9 @@ def scheduled_lr(step: int, total: int, lr: float, warmup: int, schedule: str = 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr = lr x its "lr_scale" (1 where a group has none)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class TorchRunner:
@@ -376,7 +377,10 @@ def run_training(launch: Launch, out_dir: str, build: Callable[[], Trainer]) -> 
     """Join the launcher's process group, hold the run folder (one run per out_dir), build -> fit -> export.
     Returns the exported folder. `kill -USR1 <pid>` makes a running (or hung) rank print every thread's stack."""
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor (captured, in-process)
+            pass
     created = join_process_group(launch)
     try:
         with hold_run_folder(out_dir, launch.is_main, launch.device):
