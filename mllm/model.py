@@ -49,10 +49,11 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mllm.assets import resolve_reference
 from mllm.constants import IGNORE_INDEX
-from mllm.kernels import can_pack, pack_linears
+from mllm.kernels import FusedDecoder, can_pack, fusion_blocker, pack_linears
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab, VocabError
 from semhitok import SemHiTok, TokenGrid
@@ -392,6 +393,7 @@ class SemHiTokLM(nn.Module):
             part.to(dtype).requires_grad_(trains[name])
         self.init_image_embedding()
         self.llm = self._prepare_llm(llm)
+        self.fused_decoder: FusedDecoder | None = None  # set by prepare_for_decoding where it applies
 
     def _prepare_llm(self, llm: nn.Module) -> nn.Module:
         c = self.config
@@ -428,18 +430,24 @@ class SemHiTokLM(nn.Module):
             rows[part] = self.adapter(self.code_sem[part].to(rows.device), self.code_pix[part].to(rows.device))
 
     @torch.no_grad()
-    def prepare_for_decoding(self, device: torch.device, dtype: torch.dtype | None = None) -> int:
+    def prepare_for_decoding(self, device: torch.device, dtype: torch.dtype | None = None, fuse: bool = True) -> int:
         """Inference only (`load_for_inference`): LoRA is merged into the LLM's weights in their loaded precision
         (PEFT `merge_adapter`: one matmul per linear instead of three; the adapters stay, so the checkpoint would save
         as before), the model moves to `device` / `dtype` in eval mode and, on a CPU, every linear layer decoding runs
-        is packed for oneDNN (`mllm.kernels`). Returns how many were packed; a packed model cannot train or be saved."""
+        is packed for oneDNN (`mllm.kernels`), the decoder body's into a `FusedDecoder` (Llama-family LLMs; `fuse`
+        False keeps HF's layers, packed). Returns how many linear layers were packed (a fused layer's q, k, v, o,
+        gate, up, down count 7); a packed model cannot train or be saved."""
         if isinstance(self.llm, PeftModel):
             self.llm.merge_adapter()
         self.to(device, dtype=dtype).eval()
         if not can_pack(device, self.causal_lm.get_input_embeddings().weight.dtype):
             return 0
+        decoder, fused = self.causal_lm.get_decoder(), 0
+        if fuse and fusion_blocker(decoder) is None:
+            self.fused_decoder = FusedDecoder(decoder)
+            fused = 7 * self.fused_decoder.move_weights(decoder)
         lora = [m for layer in self.modules() if isinstance(layer, LoraLayer) for m in (layer.lora_A, layer.lora_B)]
-        return pack_linears(self, skip=[m for branch in lora for m in branch.modules()])
+        return fused + pack_linears(self, skip=[m for branch in lora for m in branch.modules()])
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -482,7 +490,12 @@ class SemHiTokLM(nn.Module):
     def backbone(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                  past_key_values=None, use_cache: bool = False):  # fmt: skip
         """The LLM's decoder body -> HF BaseModelOutputWithPast: last_hidden_state (B, L, D) after the final norm,
-        past_key_values (the cache when `use_cache`)."""
+        past_key_values (the cache when `use_cache`). After `prepare_for_decoding` on a CPU the fused decoder runs it
+        (`mllm.kernels.FusedDecoder`: attention_mask then 2D, its own `KVCache`)."""
+        if self.fused_decoder is not None:
+            hidden, cache = self.fused_decoder(inputs_embeds, attention_mask, position_ids, past_key_values,
+                                               extra_capacity=256 if use_cache else -1)  # fmt: skip
+            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
         return self.causal_lm.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache,

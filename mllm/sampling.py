@@ -155,8 +155,8 @@ def make_generators(seed: int, n: int, device: torch.device) -> list[torch.Gener
 class DecodingRows:
     """Rows decoded together: the attention mask (0 on left pads), position ids and the KV cache.
     With use_cache False it keeps the input embeddings and re-runs the whole sequence at every step instead.
-    The cache is HF's own (grown by `cat` each step): a preallocated one written in place measured the same here
-    (0.99-1.0x at 8-16 rows x 256 steps, bf16, SmolLM2 on one CPU thread), so none is added."""
+    The cache is HF's own (grown by `cat` each step), or the fused decoder's preallocated `KVCache` where
+    `prepare_for_decoding` built one (`mllm.kernels.FusedDecoder`, a CPU with a Llama-family LLM)."""
 
     def __init__(self, model: SemHiTokLM, use_cache: bool = True):
         self.model, self.use_cache = model, use_cache
@@ -165,7 +165,7 @@ class DecodingRows:
         # HF builds a one-position mask from the 2D one with a host sync (`padding_mask.all()`); for SDPA over full
         # attention that mask is the 2D one as (R, 1, 1, T) bool (True = attend), so cached steps pass it built
         self.built_mask = use_cache and config._attn_implementation == "sdpa" and "sliding_attention" not in (
-            getattr(config, "layer_types", None) or ())  # fmt: skip
+            getattr(config, "layer_types", None) or ()) and model.fused_decoder is None  # fmt: skip
 
     def start(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Prefill left-padded ids (R, L) with mask (R, L) -> hidden state of the last position (R, D)."""
