@@ -29,6 +29,7 @@ from mllm.sampling import (
     DecodingRows,
     InferenceError,
     SamplingConfig,
+    draw,
     draw_image_index,
     filter_logits,
     generate_images,
@@ -363,6 +364,19 @@ def test_decoders_the_fused_one_cannot_run_keep_hf_layers(world):
     model.prepare_for_decoding(torch.device("cpu"))
     assert model.fused_decoder is None
     assert isinstance(model.causal_lm.get_decoder().layers[0].self_attn.q_proj, PackedLinear)
+
+
+def test_draws_follow_the_probabilities_and_never_pick_a_filtered_id():
+    """`draw` (exponential race, uniforms from each row's own generator): frequencies over 4,000 draws within
+    0.03 of the probabilities, a zero-probability id never, top_k's cut ids never, rows independent of each other."""
+    logits = torch.tensor([0.1, 0.0, 0.6, 0.3]).log().expand(4000, 4)
+    cfg = SamplingConfig(temperature=1.0)
+    drawn = draw(logits, cfg, make_generators(0, 4000, torch.device("cpu")))
+    assert torch.allclose(torch.bincount(drawn, minlength=4) / 4000, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.03)
+    top2 = draw(logits, replace(cfg, top_k=2), make_generators(0, 4000, torch.device("cpu")))
+    assert set(top2.tolist()) == {2, 3}
+    alone = draw(logits[:1], cfg, make_generators(7, 1, torch.device("cpu")))
+    assert drawn[7] == alone[0]
 
 
 def test_filtering_keeps_top_k_and_the_top_p_nucleus():
