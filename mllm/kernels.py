@@ -236,17 +236,17 @@ class FusedDecoder:
         linear, binary = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._linear_pointwise.binary
         for i, layer in enumerate(self.layers):
             qkv = linear(_rms_scaled(x, layer.eps1), layer.qkv, layer.qkv_bias, "none", [], "")
-            qkv = qkv.view(rows, q, h + 2 * hk, d)
-            qk = qkv[:, :, : h + hk]
+            qk, values = qkv.view(rows, q, h + 2 * hk, d).split((h + hk, hk), 2)
             qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # rotate_half(x) * sin = roll(x) * (±sin)
-            keys, values = qk[:, :, h:].transpose(1, 2), qkv[:, :, h + hk :].transpose(1, 2)  # (R, H_kv, Q, d)
+            query, keys = qk.split((h, hk), 2)
+            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (R, H_kv, Q, d)
             if cache is not None:
-                cache.keys[i][:, :, past : past + q] = keys
-                cache.values[i][:, :, past : past + q] = values
-                keys, values = cache.keys[i][:, :, : past + q], cache.values[i][:, :, : past + q]
-            attn = self._attend(qk[:, :, :h], keys, values, mask)  # (R, Q, H·d)
-            x = binary(attn, x, layer.o, layer.o_bias, "add")
-            gate, up = linear(_rms_scaled(x, layer.eps2), layer.gate_up, layer.gate_up_bias, "none", [], "").split(layer.inner, -1)
+                cache.keys[i].narrow(2, past, q).copy_(keys)
+                cache.values[i].narrow(2, past, q).copy_(values)
+                keys, values = cache.keys[i].narrow(2, 0, past + q), cache.values[i].narrow(2, 0, past + q)
+            x = binary(self._attend(query, keys, values, mask), x, layer.o, layer.o_bias, "add")
+            gate, up = linear(_rms_scaled(x, layer.eps2), layer.gate_up, layer.gate_up_bias, "none", [], "").split(
+                layer.inner, -1)  # fmt: skip
             x = binary(F.silu(gate).mul_(up), x, layer.down, layer.down_bias, "add")
         if cache is not None:
             cache.length = past + q
