@@ -19,6 +19,7 @@ from mllm.evaluation.geneval import (
     NOT_SCORABLE,
     ORIGIN_NAME,
     StaleImagesError,
+    format_summary,
     generate,
     load_metadata,
     score_folder,
@@ -28,7 +29,7 @@ from mllm.evaluation.geneval import (
     write_metadata,
 )
 from mllm.sampling import SamplingConfig, load_for_inference
-from mllm.synthetic import GENEVAL_TAGS, Scene, render, scene_for_entry
+from mllm.synthetic import GENEVAL_TAGS, Scene, SceneObject, render, scene_for_entry
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
@@ -215,6 +216,31 @@ def test_invalid_metadata_entry_is_named_not_scored(tmp_path, entry, message):
     with pytest.raises(ValueError) as err:
         score_folder(tmp_path / "images")
     assert str(err.value) == f"{tmp_path / 'images' / '00000' / 'metadata.jsonl'}:1: {message}"
+
+
+def test_failures_say_what_each_failed_image_missed(tmp_path):
+    """`score_folder`'s summary["failures"]: per tag, the failed images by what they missed, read from the exact
+    detector's reasons on rendered scenes that each break one requirement."""
+    background = scene_for_entry(synthetic_metadata(1, seed=0)[0], np.random.default_rng(0)).background
+    circle = lambda x, y: SceneObject("circle", "red", (x, y), 0.25)  # noqa: E731
+    square = SceneObject("square", "blue", (0.75, 0.5), 0.25)
+    one, two = {"class": "circle", "count": 1}, {"class": "circle", "count": 2}
+    cases = [  # (entry, the image's objects): what it misses
+        ({"tag": "single_object", "include": [{"class": "star", "count": 1}]}, [circle(0.5, 0.5)]),  # missing
+        ({"tag": "counting", "include": [two]}, [circle(0.25, 0.25)]),  # too few
+        ({"tag": "counting", "include": [one], "exclude": [two]}, [circle(0.25, 0.25), circle(0.75, 0.75)]),  # too many
+        ({"tag": "colors", "include": [{**one, "color": "blue"}]}, [circle(0.5, 0.5)]),  # colour
+        ({"tag": "position", "include": [{"class": "square", "count": 1}, {**one, "position": ["right of", 0]}]},
+         [circle(0.25, 0.5), square]),  # relation: the circle is left of the square
+    ]  # fmt: skip
+    for i, (entry, objects) in enumerate(cases):
+        write_layout(tmp_path, i, {**entry, "prompt": f"case {i}"}, [render(Scene(tuple(objects), background), SIZE)])
+    scored = score_folder(tmp_path)
+    assert not any(r["correct"] for r in scored["results"])
+    assert scored["summary"]["failures"] == {"single_object": {"missing": 1}, "counting": {"too few": 1, "too many": 1},
+                                             "colors": {"colour": 1}, "position": {"relation": 1}}  # fmt: skip
+    assert "failed images by what they missed: single_object missing 1; counting too few 1, too many 1" in (
+        format_summary(scored["summary"]))  # fmt: skip
 
 
 def test_summarize_refuses_unknown_tags():

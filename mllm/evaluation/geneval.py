@@ -17,6 +17,7 @@ reports every other entry as not scorable.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -253,7 +254,7 @@ def score_folder(out: str | Path, scorer: Scorer | None = None) -> dict:
         entry = read_entry(folder)
         for path in sorted((folder / "samples").glob("*.png")):
             results.append(_score_image(path, entry, scorer))
-    return {"results": results, "summary": summarize(results)}
+    return {"results": results, "summary": {**summarize(results), "failures": failure_counts(results)}}
 
 
 def _score_image(path: Path, entry: dict, scorer: Scorer | None) -> dict:
@@ -291,6 +292,34 @@ def summarize(results: Sequence[dict]) -> dict:
     }
 
 
+FAILURES = (  # (kind, pattern of one reason line in the detector's / GenEval's wording)
+    ("missing", re.compile(r"expected \S+>=\d+, found 0$")),
+    ("too few", re.compile(r"expected \S+>=\d+, found [1-9]\d*$")),
+    ("too many", re.compile(r"expected \S+<\d+, found \d+$")),
+    ("colour", re.compile(r"expected \S+ \S+>=\d+, found ")),
+    ("relation", re.compile(r"expected \S+ .+ target, found ")),
+)  # "no target for X to be <rel>" follows a missing object and is not counted again
+
+
+def failure_kinds(reason: str) -> list[str]:
+    """The kinds of requirement a failed image missed, from its reason lines: missing (an object class found 0
+    times), too few, too many, colour, relation."""
+    lines = reason.splitlines()
+    return [kind for kind, pattern in FAILURES if any(pattern.match(line) for line in lines)]
+
+
+def failure_counts(results: Sequence[dict]) -> dict[str, dict[str, int]]:
+    """Per tag, how many failed images missed each kind of requirement (`failure_kinds`; an image can miss several):
+    what a GenEval score is lost to. Rows without a reason are skipped."""
+    out: dict[str, dict[str, int]] = {}
+    for r in results:
+        if r.get("scorable", True) and r["correct"] is False and r.get("reason"):
+            tally = out.setdefault(r["tag"], {})
+            for kind in failure_kinds(r["reason"]):
+                tally[kind] = tally.get(kind, 0) + 1
+    return {t: out[t] for t in GENEVAL_TAGS if t in out}
+
+
 def judge_images(entries: Sequence[dict | None], images: Sequence[Image.Image]) -> dict | None:
     """`summarize` of images judged by the exact detector against their entries (an image whose entry is None is
     skipped; None when none has one). On tokenizer reconstructions of scenes rendered for GenEval entries it is the
@@ -316,6 +345,10 @@ def format_summary(summary: dict) -> str:
     overall = "n/a" if summary["overall"] is None else f"{summary['overall']:.5f}"
     lines.append(f"{'overall':<16} {overall:>8}  (mean over tags)")
     lines.append(f"images {summary['images']}, prompts {summary['prompts']}")
+    if summary.get("failures"):
+        lost = "; ".join(f"{t} " + ", ".join(f"{k} {n}" for k, n in kinds.items())
+                         for t, kinds in summary["failures"].items())  # fmt: skip
+        lines.append(f"failed images by what they missed: {lost}")
     if summary["not_scorable"]:
         lines.append(f"{summary['not_scorable']} images ({summary['not_scorable_prompts']} prompts) {NOT_SCORABLE}: "
                      "score them with GenEval's evaluation/evaluate_images.py (Mask2Former + CLIP)")  # fmt: skip
