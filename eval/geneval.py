@@ -26,6 +26,7 @@ from mllm.evaluation.geneval import (
     synthetic_metadata,
     write_metadata,
 )
+from mllm.sampling import expand_captions
 from semhitok.runtime import Parser, positive_int
 
 
@@ -38,6 +39,10 @@ def build_parser() -> Parser:
     g.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")
     g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     g.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
+    g.add_argument("--expand", action="store_true",
+                   help="prompt expansion: the model first writes a detailed scene description of each prompt "
+                        "(greedy, text only) and draws from that; the folder's metadata keeps it as `prompt`, the "
+                        "original as `original_prompt`")  # fmt: skip
     add_batching_args(g)
     add_sampling_args(g, temperature=1.0)
     s = sub.add_parser("score", help="score an image folder with the synthetic detector")
@@ -53,7 +58,11 @@ def build_parser() -> Parser:
 def run_generate(args: argparse.Namespace) -> None:
     entries = load_metadata(args.metadata)[: args.limit]
     cfg = sampling_config(args, cfg_scale=args.cfg, num_images=args.num_images)
-    done = generate(load(args), entries, args.out, args.num_images, cfg)
+    run = load(args)
+    if args.expand:
+        expanded = expand_captions(run.model, run.tokenizer, [e["prompt"] for e in entries])
+        entries = [{**e, "prompt": x, "original_prompt": e["prompt"]} for e, x in zip(entries, expanded, strict=True)]
+    done = generate(run, entries, args.out, args.num_images, cfg)
     print(f"generated {len(done)} prompts ({len(entries) - len(done)} already complete) into {args.out}")
 
 

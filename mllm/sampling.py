@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from mllm.assets import resolve_reference
-from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
+from mllm.constants import EXPANSION_PROMPT, GENERATION_PROMPT, IMAGE_PLACEHOLDER
 from mllm.conversation import (
     GPT,
     HUMAN,
@@ -497,6 +497,24 @@ class ChatSession:
         if answer:
             self.history.append((question, answer))
         return answer
+
+
+def expand_captions(model: SemHiTokLM, tokenizer, captions: Sequence[str], batch: int = 16,
+                    max_new_tokens: int = 96) -> list[str]:  # fmt: skip
+    """Prompt expansion: each caption -> the model's own detailed description of a scene that fits it (the text-only
+    answer to `EXPANSION_PROMPT`, greedy), to generate the image from instead (the caption itself where the answer
+    is empty). A model learns it from caption -> region-description conversations
+    (`scripts/experiments/expansion_data.py`); `batch` prompts are decoded together."""
+    session, out = ChatSession(model, tokenizer, None), []
+    cfg, stop = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens), session.stop_ids()
+    known = torch.arange(model.vocab.offset) < len(tokenizer)
+    for start in range(0, len(captions), batch):
+        chunk = captions[start : start + batch]
+        ids = [session.prompt_ids(EXPANSION_PROMPT.format(caption=c)) for c in chunk]
+        answers = generate_texts(model, ids, cfg, stop, known)
+        out += [tokenizer.decode(a.tolist(), skip_special_tokens=True).strip() or c
+                for a, c in zip(answers, chunk, strict=True)]  # fmt: skip
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -28,7 +28,7 @@ from mllm.evaluation.geneval import (
     write_layout,
     write_metadata,
 )
-from mllm.sampling import SamplingConfig, load_for_inference
+from mllm.sampling import SamplingConfig, expand_captions, load_for_inference
 from mllm.synthetic import GENEVAL_TAGS, Scene, SceneObject, render, scene_for_entry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +132,27 @@ def test_a_folder_keeps_the_images_of_one_checkpoint_and_sampling_setting(tmp_pa
     write_metadata(meta, entries)
     out = run_script("generate", "--metadata", meta, "--out", tmp_path / "a", "--checkpoint", world)
     assert out.returncode == 2 and "unknown origin" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_expand_writes_each_prompt_out_first_and_keeps_the_original(tmp_path):
+    """`generate --expand`: the model's greedy description of each prompt (`expand_captions`, batched like one by
+    one) is what is drawn from; the folder's metadata holds it as `prompt` and the original as `original_prompt`."""
+    world = save_tiny_world(tmp_path / "world") / "mllm"
+    entries = synthetic_metadata(3, seed=2)
+    run = load_for_inference(world)
+    expanded = expand_captions(run.model, run.tokenizer, [e["prompt"] for e in entries])
+    assert expanded == [expand_captions(run.model, run.tokenizer, [e["prompt"]])[0] for e in entries]
+    assert all(isinstance(x, str) and x for x in expanded)
+    meta = tmp_path / "meta.jsonl"
+    write_metadata(meta, entries)
+    out = run_script("generate", "--metadata", meta, "--out", tmp_path / "x", "--checkpoint", world, "--expand",
+                     "--num-images", 1)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    stored = [json.loads((tmp_path / "x" / f"{i:05d}" / "metadata.jsonl").read_text()) for i in range(3)]
+    assert [m["original_prompt"] for m in stored] == [e["prompt"] for e in entries]
+    assert [m["prompt"] for m in stored] == expanded
+    assert [{k: v for k, v in m.items() if k not in ("prompt", "original_prompt")} for m in stored] == [
+        {k: v for k, v in e.items() if k != "prompt"} for e in entries]  # fmt: skip
 
 
 def test_exact_scenes_score_one_and_backgrounds_zero(tmp_path):
