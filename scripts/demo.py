@@ -3,7 +3,8 @@
   1. loads the checkpoint (default: the shipped mllm/demo/mllm, its tokenizer in mllm/demo/tokenizer),
   2. generates images for a few prompts,
   3. answers a few questions about held-out images (the true answers printed beside them),
-  4. runs the synthetic GenEval (held-out prompts, scored by the exact detector, every tag and overall),
+  4. runs the synthetic GenEval (held-out prompts, scored by the exact detector, every tag and overall), as asked
+     and with prompt expansion (the model first writes each prompt out as a scene description, then draws it),
   5. runs POPE (random / popular / adversarial) and MME on held-out synthetic scenes through lmms-eval's own task
      code (eval/run_lmms.py's model and local tasks),
   6. measures the tokenizer's reconstruction PSNR on the held-out images,
@@ -38,7 +39,7 @@ from mllm.evaluation.geneval import (
     synthetic_metadata,
     write_metadata,
 )
-from mllm.sampling import ChatSession, Inference, SamplingConfig, generate_images
+from mllm.sampling import ChatSession, Inference, SamplingConfig, expand_captions, generate_images
 from mllm.synthetic import Scene
 from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.detector import reconstruct_and_detect
@@ -85,17 +86,22 @@ def questions_step(run: Inference, folder: Path, rows: list[dict], n: int, seed:
     return answered
 
 
-def geneval_step(run: Inference, out: Path, n_prompts: int, seed: int) -> dict:
-    """The synthetic GenEval, as many prompts per decoding call as half the free memory holds (`prompts_per_call`)."""
-    entries = synthetic_metadata(n_prompts, seed)
+def geneval_step(run: Inference, out: Path, n_prompts: int, seed: int, expand: bool = False) -> dict:
+    """The synthetic GenEval, as many prompts per decoding call as half the free memory holds (`prompts_per_call`),
+    into out/geneval; with `expand`, each prompt first written out by the model as a detailed scene description
+    (`expand_captions`, prompt expansion) and drawn from that, into out/geneval-expanded."""
+    entries, folder = synthetic_metadata(n_prompts, seed), out / ("geneval-expanded" if expand else "geneval")
+    if expand:
+        expanded = expand_captions(run.model, run.tokenizer, [e["prompt"] for e in entries])
+        entries = [{**e, "prompt": x, "original_prompt": e["prompt"]} for e, x in zip(entries, expanded, strict=True)]
     try:
-        claim_folder(out / "geneval", image_origin(run, GENERATION))
+        claim_folder(folder, image_origin(run, GENERATION))
     except StaleImagesError:  # the demo's images are its own: made by another checkpoint, they are made again
-        shutil.rmtree(out / "geneval")
-    write_metadata(out / "geneval" / "metadata.jsonl", entries)
-    generate(run, entries, out / "geneval", 1, GENERATION)
-    scored = score_folder(out / "geneval")
-    (out / "geneval" / "results.json").write_text(json.dumps(scored, indent=1) + "\n")
+        shutil.rmtree(folder)
+    write_metadata(folder / "metadata.jsonl", entries)
+    generate(run, entries, folder, 1, GENERATION)
+    scored = score_folder(folder)
+    (folder / "results.json").write_text(json.dumps(scored, indent=1) + "\n")
     return scored["summary"]
 
 
@@ -199,9 +205,13 @@ def run_steps(args, prog: str, report: dict, start: float) -> None:
 
         t = time.perf_counter()
         report["geneval"] = geneval_step(run, args.out, args.geneval_prompts, args.seed)
+        report["geneval_expanded"] = geneval_step(run, args.out, args.geneval_prompts, args.seed, expand=True)
         banner(4, f"synthetic GenEval, {args.geneval_prompts} held-out prompts x 1 image, exact detector "
                   f"({time.perf_counter() - t:.0f}s) -> {args.out / 'geneval'}")  # fmt: skip
         print("    " + format_summary(report["geneval"]).replace("\n", "\n    "))
+        print(f"    with prompt expansion (the model first writes each prompt out as a scene description, then draws "
+              f"it) -> {args.out / 'geneval-expanded'}")  # fmt: skip
+        print("    " + format_summary(report["geneval_expanded"]).replace("\n", "\n    "))
 
         t = time.perf_counter()
         banner(5, f"POPE and MME on {len(rows)} held-out scenes through lmms-eval (eval/run_lmms.py) ...")

@@ -28,6 +28,7 @@ def test_demo_generates_answers_and_evaluates_the_shipped_checkpoint(tmp_path):
     assert summary["images"] == 6 and set(summary["tags"]) <= {"single_object", "two_object", "counting", "colors",
                                                                 "position", "color_attr"}  # fmt: skip
     assert 0.0 <= summary["overall"] <= 1.0
+    assert report["geneval_expanded"]["images"] == 6
     pope = {task: scores for task, scores in report["lmms_eval"].items() if task.startswith("demo_pope_")}
     assert set(pope) == {"demo_pope_random", "demo_pope_popular", "demo_pope_adversarial"}
     assert all(0.0 <= s["pope_f1_score,none"] <= 1.0 for s in pope.values())

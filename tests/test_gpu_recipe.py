@@ -64,7 +64,7 @@ def test_the_gpu_recipe_is_the_cpu_recipe_on_cuda():
         assert gpu.train.device == "cuda" and gpu.out_dir.startswith("runs/demo-gpu/")
         assert (gpu.model, gpu.train.steps, gpu.train.data.batch_size, gpu.train.optim) == (
             cpu.model, cpu.train.steps, cpu.train.data.batch_size, cpu.train.optim)  # fmt: skip
-    stages = ("align", "instruct", "t2i", "joint", "joint-prompts")
+    stages = ("align", "instruct", "t2i", "joint", "joint-prompts", "expand")
     assert f"STAGES=({' '.join(stages)})" in (REPO / "scripts" / "gpu" / "demo.sh").read_text()
     prev = None
     for name in stages:

@@ -22,12 +22,15 @@ $PY eval/reconstruction.py --checkpoint runs/demo/tokenizer-stage2b/model --synt
     --gate detector.position=0.95 --gate detector.shape=0.90
 $PY scripts/extract_codes.py --tokenizer runs/demo/tokenizer-stage2/model --images runs/demo/data/train/scenes.jsonl \
     --out runs/demo/codes --size 64 --workers 1
-# the MLLM in stages (configs/demo/mllm/): adapter alignment, instruction tuning, text to image, joint, and a
-# generation-heavy joint phase that draws the GenEval-style prompts half the time (joint-prompts); each stage
-# starts from the previous one's model (adapter, rows, head and the one LoRA carried on) and logs the learning
-# diagnostics (image / caption dependence on the held-out scenes) every 100 steps
-for stage in align instruct t2i joint joint-prompts; do
+# the MLLM in stages (configs/demo/mllm/): adapter alignment, instruction tuning, text to image, joint, a
+# generation-heavy joint phase that draws the GenEval-style prompts half the time (joint-prompts), and the same mix
+# with caption -> scene-description conversations for prompt expansion (expand); each stage starts from the
+# previous one's model (adapter, rows, head and the one LoRA carried on) and logs the learning diagnostics (image /
+# caption dependence on the held-out scenes) every 100 steps
+[ -f runs/demo/data/train/llava-expand.json ] || $PY scripts/experiments/expansion_data.py runs/demo/data/train \
+    --out runs/demo/data/train/llava-expand.json --copies 2
+for stage in align instruct t2i joint joint-prompts expand; do
     $PY scripts/train_mllm.py --config configs/demo/mllm/$stage.yaml
 done
-$PY scripts/package_demo.py --tokenizer runs/demo/tokenizer-stage2b/model --mllm runs/demo/mllm-joint-prompts/model --out mllm/demo
+$PY scripts/package_demo.py --tokenizer runs/demo/tokenizer-stage2b/model --mllm runs/demo/mllm-expand/model --out mllm/demo
 $PY scripts/demo.py --checkpoint mllm/demo/mllm --out outputs/demo-reproduced --geneval-prompts 120 --heldout 100

@@ -16,7 +16,7 @@ PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 export PYTHONPATH="$PWD:$PWD/tokenizer${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 R=runs/demo-gpu
 DATA=runs/demo/data
-STAGES=(align instruct t2i joint joint-prompts)  # configs/demo/gpu/mllm/; the last one writes $R/mllm
+STAGES=(align instruct t2i joint joint-prompts expand)  # configs/demo/gpu/mllm/; the last one writes $R/mllm
 ovr=() mllm_ovr=() num=10000 held=1000 evaln=200 prompts=96
 if [ "${GPU_DEMO_SMOKE:-0}" = 1 ]; then
     R=runs/demo-gpu-smoke DATA=runs/demo-gpu-smoke/data num=256 held=64 evaln=8 prompts=6
@@ -50,6 +50,8 @@ train.data.num_workers=0 train.probe.data=\"\" $init"
 }
 
 [ -f $DATA/train/llava.json ] || stage data-train "$PY" scripts/render_synthetic.py --out $DATA/train --num $num --size 64 --seed 0 --conversations 4
+[ -f $DATA/train/llava-expand.json ] || stage data-expand "$PY" scripts/experiments/expansion_data.py $DATA/train \
+    --out $DATA/train/llava-expand.json --copies 2
 [ -f $DATA/heldout/probe.jsonl ] || stage data-heldout "$PY" scripts/render_synthetic.py --out $DATA/heldout --num $held --size 64 --seed 1
 for s in 1 2 2b; do
     # shellcheck disable=SC2046
@@ -66,7 +68,7 @@ for s in "${STAGES[@]}"; do
     if [ ${#mllm_ovr[@]} -gt 0 ]; then  # smoke: the smoke folders
         out=$R/mllm-$s; [ "$s" = "${STAGES[-1]}" ] && out=$R/mllm
         extra=("${mllm_ovr[@]}" train.out_dir=$out model.semhitok=$R/tokenizer-stage2/model data.codes=$R/codes
-               data.conversations=$DATA/train/llava.json data.captions=$DATA/train/scenes.jsonl train.diagnose.data=$DATA/heldout)
+               data.conversations=$DATA/train/$([ "$s" = expand ] && echo llava-expand || echo llava).json data.captions=$DATA/train/scenes.jsonl train.diagnose.data=$DATA/heldout)
         [ -n "$prev" ] && extra+=(train.init_from=$prev/model)
         prev=$out
     fi
