@@ -3,7 +3,7 @@
 # package) on one CUDA GPU in bf16, with the configs in configs/demo/gpu/ (the CPU recipe's batches, steps and
 # schedules, so the same learning; only device, precision, workers and folders differ), then the checks that need
 # no lmms-eval: the tokenizer's reconstruction gate, the MLLM's image / caption dependence and counts, and synthetic
-# GenEval. Resumable (every stage resumes its run folder); each stage's seconds go to runs/demo-gpu/times.tsv.
+# GenEval, as asked and with prompt expansion. Resumable (every stage resumes its run folder); each stage's seconds go to runs/demo-gpu/times.tsv.
 #
 #   bash scripts/gpu/demo.sh                 on a GPU machine (after `source scripts/gpu/assets.sh install`)
 #   GPU_DEMO_SMOKE=1 bash scripts/gpu/demo.sh   here, on the CPU: 2 steps a stage on 256 images, to check the plumbing
@@ -82,13 +82,17 @@ done
 stage geneval-generate "$PY" eval/geneval.py generate --metadata $DATA/heldout/geneval_metadata.jsonl --out $R/geneval \
     --checkpoint $m --num-images 2 --limit $prompts --cfg 3
 stage geneval-score "$PY" eval/geneval.py score --images $R/geneval --out $R/geneval.json
+stage geneval-expanded-generate "$PY" eval/geneval.py generate --metadata $DATA/heldout/geneval_metadata.jsonl \
+    --out $R/geneval-expanded --checkpoint $m --num-images 2 --limit $prompts --cfg 3 --expand
+stage geneval-expanded-score "$PY" eval/geneval.py score --images $R/geneval-expanded --out $R/geneval-expanded.json
 printf 'total\t%d\n' $(( $(date +%s) - t_all )) | tee -a "$R/times.tsv"
 {
     echo "# gpu/demo.sh $(date -u +%FT%TZ) on $("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')"
     cat "$R/times.tsv"
     grep -hE "^(gates|detector)" "$R/reconstruction.log" || true
     for d in image-dependence counts caption-dependence; do grep -hE "^(auc|accuracy|gap|nll)" "$R/diag-$d.log" || true; done
-    tail -9 "$R/geneval-score.log"
+    tail -10 "$R/geneval-score.log"
+    echo "with prompt expansion:"; tail -10 "$R/geneval-expanded-score.log"
 } > "$R/summary.txt"
 cat "$R/summary.txt"
 if [ -n "${OUT:-}" ]; then cp "$R/times.tsv" "$R/summary.txt" "$OUT/" && cp "$R/package/mllm/README.md" "$OUT/model-card.md" 2>/dev/null || true; fi
