@@ -27,6 +27,7 @@ from mllm.synthetic import (
     DetectedObject,
     Scene,
     captions,
+    describe,
     detect,
     detection_accuracy,
     judge_geneval,
@@ -46,6 +47,7 @@ from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.detector import foreground_mask, rgb_to_lab
 from mllm.synthetic.questions import negative_category
 from mllm.synthetic.render import render_background
+from mllm.synthetic.text import is_description
 
 REPO = Path(__file__).resolve().parents[1]
 GENEVAL_METADATA = REPO.parent / "shared/data/bench/geneval/evaluation_metadata.jsonl"
@@ -110,6 +112,13 @@ def test_captions_are_varied_and_exact():
     for obj in scene.objects:
         assert all(obj.shape in c and obj.color in c for c in caps)
     assert any(" of " in c or " above " in c or " below " in c for c in caps)  # a spatial caption
+
+
+def test_exactly_one_caption_of_each_scene_is_its_region_description():
+    """`is_description` picks `describe`'s caption out of the styles (prompt expansion and layout prompts rely on
+    it), for 1 to 4 objects."""
+    for scene in scenes(60):
+        assert [c for c in captions(scene) if is_description(c)] == [describe(scene)]
 
 
 # ------------------------------------------------------------------------------------------- GenEval

@@ -96,8 +96,17 @@ def ordered_sentence(scene: Scene, rel: str, words: str) -> str | None:
     return f"{words}: " + join([noun_phrase(1, o.shape, o.color) for o in order])
 
 
+DESCRIPTION_START = "There "  # how every `describe` caption starts, and no other caption style
+
+
+def is_description(caption: str) -> bool:
+    """True for a `describe` caption (count, background, every object with its region) among a scene's captions."""
+    return caption.startswith(DESCRIPTION_START)
+
+
 def describe(scene: Scene) -> str:
-    """A detailed description: count, background, and every object with its region."""
+    """A detailed description: count, background, and every object with its region (`is_description` tells it
+    apart from the other caption styles)."""
     n = len(scene.objects)
     things = join(
         [f"{noun_phrase(1, o.shape, o.color)} {region(o)}" for o in sorted(scene.objects, key=lambda o: o.center)]

@@ -22,19 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from mllm.constants import EXPANSION_PROMPT
+from mllm.synthetic.text import is_description
 from semhitok.runtime import read_json, read_jsonl
-
-DESCRIPTION = "There "  # how every `mllm.synthetic.text.describe` caption starts (and no other caption style does)
 
 
 def expansion_samples(scenes: list[dict], copies: int, seed: int = 0) -> list[dict]:
     """`copies` LLaVA text-only conversations per scene (caption -> its description), drawn with `seed`."""
     rng, out = np.random.default_rng(seed), []
     for record in scenes:
-        description = next((c for c in record["captions"] if c.startswith(DESCRIPTION)), None)
+        description = next((c for c in record["captions"] if is_description(c)), None)
         if description is None:
             raise ValueError(f"scene {record['id']} has no region description among its captions")
-        short = [c for c in record["captions"] if not c.startswith(DESCRIPTION)]
+        short = [c for c in record["captions"] if not is_description(c)]
         prompt = (record.get("geneval") or {}).get("prompt")
         for k in range(copies):
             caption = prompt if prompt and rng.random() < 0.5 else short[rng.integers(len(short))]

@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 
 from mllm.synthetic import GENEVAL_TAGS
+from mllm.synthetic.text import is_description
 from semhitok.runtime import read_jsonl
-
-DESCRIPTION = "There "  # how every `describe` caption starts (and no other caption style does)
 
 
 def layout_entries(scenes: list[dict], tag: str, limit: int, keep_prompt: bool) -> list[dict]:
@@ -32,7 +31,7 @@ def layout_entries(scenes: list[dict], tag: str, limit: int, keep_prompt: bool) 
         entry = record.get("geneval")
         if not entry or entry["tag"] != tag:
             continue
-        description = next((c for c in record["captions"] if c.startswith(DESCRIPTION)), None)
+        description = next((c for c in record["captions"] if is_description(c)), None)
         if description is None:
             raise ValueError(f"scene {record['id']} has no region description among its captions")
         out.append(entry if keep_prompt else {**entry, "prompt": description})
