@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mllm.cli import add_batching_args, add_sampling_args, load, one_line_errors, sampling_config
 from mllm.evaluation.geneval import (
+    expand_entries,
     format_summary,
     generate,
     load_metadata,
@@ -26,7 +27,6 @@ from mllm.evaluation.geneval import (
     synthetic_metadata,
     write_metadata,
 )
-from mllm.sampling import expand_captions
 from semhitok.runtime import Parser, positive_int
 
 
@@ -59,10 +59,7 @@ def run_generate(args: argparse.Namespace) -> None:
     entries = load_metadata(args.metadata)[: args.limit]
     cfg = sampling_config(args, cfg_scale=args.cfg, num_images=args.num_images)
     run = load(args)
-    if args.expand:
-        expanded = expand_captions(run.model, run.tokenizer, [e["prompt"] for e in entries])
-        entries = [{**e, "prompt": x, "original_prompt": e["prompt"]} for e, x in zip(entries, expanded, strict=True)]
-    done = generate(run, entries, args.out, args.num_images, cfg)
+    done = generate(run, expand_entries(run, entries) if args.expand else entries, args.out, args.num_images, cfg)
     print(f"generated {len(done)} prompts ({len(entries) - len(done)} already complete) into {args.out}")
 
 

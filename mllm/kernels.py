@@ -93,19 +93,21 @@ def fusion_blocker(decoder: nn.Module) -> str | None:
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return "sliding-window layers"
     for layer in decoder.layers:
-        for module in (*_attention_linears(layer), *_mlp_linears(layer)):
+        for _, _, module in _linears(layer):
             if not isinstance(_plain(module), nn.Linear) or (module is not _plain(module) and not module.merged):
                 return f"{type(module).__name__} layers that are not plain or merged linears"
     return None
 
 
-def _attention_linears(layer: nn.Module) -> tuple[nn.Module, ...]:
-    attn = layer.self_attn
-    return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
-def _mlp_linears(layer: nn.Module) -> tuple[nn.Module, ...]:
-    return layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+def _linears(layer: nn.Module):
+    """(owner module, attribute name, linear module) of every linear layer of an HF decoder layer (`LINEARS`)."""
+    for part, names in LINEARS:
+        owner = getattr(layer, part)
+        for name in names:
+            yield owner, name, getattr(owner, name)
 
 
 def _plain(module: nn.Module) -> nn.Module:
@@ -206,10 +208,8 @@ class FusedDecoder:
     def move_weights(self, decoder: nn.Module) -> int:
         """Replace the HF layers' linear modules by `MovedWeight` stubs (their weights live here now) -> layers."""
         for i, layer in enumerate(decoder.layers):
-            for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                 (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
-                for name in names:
-                    setattr(owner, name, MovedWeight(f"layers.{i}.{name}"))
+            for owner, name, _ in list(_linears(layer)):
+                setattr(owner, name, MovedWeight(f"layers.{i}.{name}"))
         return len(decoder.layers)
 
     def new_cache(self, rows: int, capacity: int, like: Tensor) -> KVCache:

@@ -489,10 +489,13 @@ class ChatSession:
         end = self.tokenizer(template.end_of_turn(self.tokenizer), add_special_tokens=False)["input_ids"]
         return sorted({self.tokenizer.eos_token_id, *(end if len(end) == 1 else [])} - {None})
 
+    def known_ids(self) -> Tensor:
+        """(offset,) bool: the text ids the tokenizer can decode (an answer draws only these)."""
+        return torch.arange(self.model.vocab.offset) < len(self.tokenizer)
+
     def ask(self, question: str) -> str:
         """The model's answer to `question` (decoded, special tokens skipped); the exchange joins the history."""
-        known = torch.arange(self.model.vocab.offset) < len(self.tokenizer)
-        ids = generate_text(self.model, self.prompt_ids(question), self.cfg, self.stop_ids(), known)
+        ids = generate_text(self.model, self.prompt_ids(question), self.cfg, self.stop_ids(), self.known_ids())
         answer = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
         if answer:
             self.history.append((question, answer))
@@ -506,8 +509,8 @@ def expand_captions(model: SemHiTokLM, tokenizer, captions: Sequence[str], batch
     is empty). A model learns it from caption -> region-description conversations
     (`scripts/experiments/expansion_data.py`); `batch` prompts are decoded together."""
     session, out = ChatSession(model, tokenizer, None), []
-    cfg, stop = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens), session.stop_ids()
-    known = torch.arange(model.vocab.offset) < len(tokenizer)
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    stop, known = session.stop_ids(), session.known_ids()
     for start in range(0, len(captions), batch):
         chunk = captions[start : start + batch]
         ids = [session.prompt_ids(EXPANSION_PROMPT.format(caption=c)) for c in chunk]

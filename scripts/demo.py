@@ -31,6 +31,7 @@ from mllm.cli import checkpoint_dir, load, one_line_errors, save_images
 from mllm.evaluation.geneval import (
     StaleImagesError,
     claim_folder,
+    expand_entries,
     format_summary,
     generate,
     image_origin,
@@ -39,7 +40,7 @@ from mllm.evaluation.geneval import (
     synthetic_metadata,
     write_metadata,
 )
-from mllm.sampling import ChatSession, Inference, SamplingConfig, expand_captions, generate_images
+from mllm.sampling import ChatSession, Inference, SamplingConfig, generate_images
 from mllm.synthetic import Scene
 from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.detector import reconstruct_and_detect
@@ -91,9 +92,7 @@ def geneval_step(run: Inference, out: Path, n_prompts: int, seed: int, expand: b
     into out/geneval; with `expand`, each prompt first written out by the model as a detailed scene description
     (`expand_captions`, prompt expansion) and drawn from that, into out/geneval-expanded."""
     entries, folder = synthetic_metadata(n_prompts, seed), out / ("geneval-expanded" if expand else "geneval")
-    if expand:
-        expanded = expand_captions(run.model, run.tokenizer, [e["prompt"] for e in entries])
-        entries = [{**e, "prompt": x, "original_prompt": e["prompt"]} for e, x in zip(entries, expanded, strict=True)]
+    entries = expand_entries(run, entries) if expand else entries
     try:
         claim_folder(folder, image_origin(run, GENERATION))
     except StaleImagesError:  # the demo's images are its own: made by another checkpoint, they are made again

@@ -25,7 +25,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mllm.sampling import Inference, SamplingConfig, generate_images, generation_prompts, images_per_call, prompt_length
+from mllm.sampling import (
+    Inference,
+    SamplingConfig,
+    expand_captions,
+    generate_images,
+    generation_prompts,
+    images_per_call,
+    prompt_length,
+)
 from mllm.synthetic import COLORS, GENEVAL_TAGS, SHAPES, sample_geneval_entries, score_geneval
 from semhitok.runtime import read_jsonl, to_pil
 
@@ -193,6 +201,13 @@ def generate(source: Inference | Generator, entries: Sequence[dict], out: str | 
         for j, i in enumerate(chunk):
             write_layout(out, i, entries[i], images[j * n_per_prompt : (j + 1) * n_per_prompt], grid)
     return todo
+
+
+def expand_entries(run: Inference, entries: Sequence[dict]) -> list[dict]:
+    """Prompt expansion of GenEval entries: each `prompt` replaced by the model's own scene description of it
+    (`expand_captions`), the original kept as `original_prompt`; the judge's requirements are untouched."""
+    expanded = expand_captions(run.model, run.tokenizer, [e["prompt"] for e in entries])
+    return [{**e, "prompt": x, "original_prompt": e["prompt"]} for e, x in zip(entries, expanded, strict=True)]
 
 
 def prompts_per_call(run: Inference, prompts: Sequence[str], n: int, cfg: SamplingConfig,
