@@ -384,6 +384,9 @@ def test_render_synthetic_script_writes_a_dataset(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all((tmp_path / r["image"]).is_file() for r in rows)
     assert Image.open(tmp_path / rows[0]["image"]).size == (32, 32)
+    # the region description alone (`data.t2i_captions` can weight it), the same text as one caption
+    assert all(is_description(r["description"]) and r["description"] in r["captions"] for r in rows)
+    assert all(sum(map(is_description, r["captions"])) == 1 for r in rows)
     entries = [json.loads(line) for line in (tmp_path / "geneval_metadata.jsonl").read_text().splitlines()]
     assert entries == [r["geneval"] for r in rows if r["geneval"]] and {e["tag"] for e in entries} == set(GENEVAL_TAGS)
     for name in ["pope_random", "pope_popular", "pope_adversarial", "mme"]:

@@ -2,7 +2,8 @@
 
 Layout (image paths inside every file are relative to the folder):
   images/<id>.png, scenes.jsonl (scene, its objects' boxes, captions, the GenEval entry it was built for or null; that
-  entry's prompt is also the scene's last caption, so text-to-image training sees GenEval's own phrasing),
+  entry's prompt is also the scene's last caption, so text-to-image training sees GenEval's own phrasing; its region
+  description, one of the captions, also alone as `description`, so `data.t2i_captions` can weight it),
   geneval_metadata.jsonl, pope_{random,popular,adversarial}.jsonl, mme.jsonl, llava.json (1-4 independent, balanced
   questions per record, `conversations` records per image: `questions.sample_questions`), probe.jsonl (attribute
   targets per image for the tokenizer's code probes: semhitok.attribute_probe.ProbeSet).
@@ -28,7 +29,7 @@ from mllm.synthetic.questions import (
 )
 from mllm.synthetic.render import render
 from mllm.synthetic.scene import Scene, sample_scene
-from mllm.synthetic.text import captions
+from mllm.synthetic.text import captions, describe
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -62,7 +63,8 @@ def write_dataset(out: Path, num: int, size: int = 256, seed: int = 0, conversat
         out / "scenes.jsonl",
         [
             {"id": i, "image": im, "scene": s.to_dict(), "boxes": [list(o.bbox) for o in s.objects],
-             "captions": captions(s) + ([e["prompt"]] if e else []), "geneval": e}  # fmt: skip
+             "captions": captions(s) + ([e["prompt"]] if e else []), "description": describe(s),
+             "geneval": e}  # fmt: skip
             for i, im, s, e in rows
         ],
     )
