@@ -51,6 +51,7 @@ from mllm.model import MLLMConfig, SemHiTokLM
 from mllm.sampling import SamplingConfig, kv_cache_bytes, left_pad, sample_image_ids
 from mllm.vocab import BOI_TOKEN, EOI_TOKEN, VisualVocab
 from semhitok import PRESETS, SemHiTok
+from semhitok.runtime import resolve_precision
 
 SHAPES = {  # random decoders built in code (no asset): the shapes of the real models
     "smollm2-shape": (LlamaConfig, {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -394,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     cut = f", random shapes cut to {args.layers} layers" if args.layers else ""
     print(f"device {device} ({where}), {args.tokens} tokens, {args.head} head{cut}", flush=True)
+    if "bf16" in args.precisions and not resolve_precision("auto", device).bf16:
+        print("note: this device has no native bf16: the bf16 runs are emulated (slow), and the #15 targets, set on "
+              "an avx512_bf16 CPU, do not apply to this run's bf16 numbers", flush=True)  # fmt: skip
     results, bandwidth, kernel = measure(args, device)
     print(f"\nmemory bandwidth {bandwidth / 1e9:.1f} GB/s (the fastest sum over a large tensor, timed among the runs)")
     print_table(results, args.tokens)

@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     device, cfg = torch.device(args.device), PRESETS[PRESET]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({name})")
+    if "bf16" in args.precisions.split(",") and not resolve_precision("auto", device).bf16:
+        print("note: this device has no native bf16: the bf16 rows are emulated (slow), and the #15 target (ours as "
+              "its pipeline runs it, bf16 on an avx512_bf16 CPU) does not apply to them")  # fmt: skip
     codec = bench_codec(args.batch_size, args.precisions.split(","), args.iters, device)
     lookup = bench_lookup(cfg.K, cfg.m, cfg.semantic.d_sem, cfg.pixel.d_pix, cfg.grid**2, args.lookup_batch,
                           args.lookup_iters, device)

@@ -2,10 +2,12 @@
 # The held-out measurements of docs/demo.md "Scores" for one MLLM folder, each result in OUT:
 #   geneval  synthetic GenEval, 96 held-out prompts (16 per tag) x 2 images, CFG 3, at each sampling seed
 #            (OUT/geneval-s<seed>/results.json; the mean over the seeds printed at the end)
+#   geneval-expand  the same with prompt expansion (`--expand`: the model writes each prompt out as a scene
+#            description, then draws it; OUT/geneval-expand-s<seed>/)
 #   diag     eval/diagnose.py image-dependence / counts (200 questions), caption-dependence (100 scenes)
 #   lmms     eval/run_lmms.py --tasks demo_pope,demo_mme --limit 300 on tasks built from the same scenes
 #
-#   bash scripts/experiments/eval_mllm.sh MODEL OUT [SEEDS="0 1 2"] [PARTS="geneval diag lmms"]
+#   bash scripts/experiments/eval_mllm.sh MODEL OUT [SEEDS="0 1 2"] [PARTS="geneval diag lmms"; also geneval-expand]
 #
 # MODEL: an MLLM folder (<train.out_dir>/model, mllm/demo/mllm). Needs the held-out scenes of docs/demo.md:
 #   python scripts/render_synthetic.py --out runs/demo/data/heldout --num 1000 --size 64 --seed 1
@@ -19,19 +21,20 @@ py=${PYTHON:-.venv/bin/python}
 mkdir -p "$out"
 for part in $parts; do
   case $part in
-    geneval)
+    geneval|geneval-expand)
+      flag=$([ $part = geneval-expand ] && echo --expand || true)
       for seed in $seeds; do
-        dir=$out/geneval-s$seed
+        dir=$out/$part-s$seed
         [ -f "$dir/results.json" ] && continue
         $py eval/geneval.py generate --checkpoint "$model" --metadata "$data/geneval_metadata.jsonl" --out "$dir" \
-          --cfg 3 --num-images 2 --limit 96 --seed "$seed"
+          --cfg 3 --num-images 2 --limit 96 --seed "$seed" $flag
         $py eval/geneval.py score --images "$dir" | tail -n 8
       done
-      $py - "$out" $seeds <<'EOF'
+      $py - "$out/$part" $seeds <<'EOF'
 import json, sys
 from pathlib import Path
-out, seeds = Path(sys.argv[1]), sys.argv[2:]
-runs = [json.loads((out / f"geneval-s{s}" / "results.json").read_text()) for s in seeds]
+out, seeds = sys.argv[1], sys.argv[2:]
+runs = [json.loads(Path(f"{out}-s{s}", "results.json").read_text()) for s in seeds]
 tags = {t: [r["summary"]["tags"][t]["accuracy"] for r in runs] for t in runs[0]["summary"]["tags"]}
 overall = [r["summary"]["overall"] for r in runs]
 print(f"GenEval overall per seed {[round(v, 3) for v in overall]}, mean {sum(overall) / len(overall):.3f}; tags (mean):",
@@ -48,6 +51,6 @@ EOF
       $py eval/run_lmms.py --tasks demo_pope,demo_mme --model-path "$model" --include-path "$out/lmms_tasks" \
         --limit 300 --output "$out/lmms"
       ;;
-    *) echo "error: unknown part $part (geneval, diag, lmms)" >&2; exit 2 ;;
+    *) echo "error: unknown part $part (geneval, geneval-expand, diag, lmms)" >&2; exit 2 ;;
   esac
 done
