@@ -7,6 +7,10 @@
         image NLL (nats per image token) given the true caption, the empty caption and another scene's caption; the
         gap empty - true per token and per image (0 = the caption is ignored); and, per token, the NLL on the grid
         cells the scene's objects overlap and on the background cells, each at the semantic and the texture level
+    python eval/diagnose.py layout-dependence --model DIR --data DIR [--n 100] [--out FILE.json]
+        image NLL per token on the cells objects overlap (and on the background) after each scene's region description
+        ("a red circle at the top left and ...") and after it with left <-> right and top <-> bottom swapped; gap =
+        mirrored - true (0 = generation draws what is named but ignores where), share of scenes lower after the truth
     python eval/diagnose.py description-dependence --model DIR --data DIR [--n 200] [--out FILE.json]
         text NLL (nats per token) of each scene's caption as the answer to "Describe the image concisely." with its
         own and with another scene's image; gap = swapped - real (0 = the description ignores the image)
@@ -41,6 +45,8 @@ from semhitok.runtime import PRECISIONS, Parser, int_in
 COMMANDS = {  # command -> (help, default --n, what --n counts)
     "image-dependence": ("yes/no margin AUC with the real vs a swapped image", 400, "balanced questions (even)"),
     "caption-dependence": ("image NLL with the true, empty and a swapped caption", 200, "scenes"),
+    "layout-dependence": ("object-cell image NLL after the region description vs its regions mirrored", 100,
+                          "scenes (those with every object centred are left out)"),
     "description-dependence": ("description NLL with the real vs a swapped image", 200, "scenes"),
     "counts": ("accuracy of the most likely count (0-5) with the real vs a swapped image", 200,
                "count questions (even; per scene one about a held shape, one about a lacked shape)"),
@@ -93,12 +99,14 @@ def run(args: argparse.Namespace) -> dict:
     model, n = inference.model, {args.command: args.n}
     diag = build_diagnostic_set(args.data, inference.semhitok, inference.tokenizer, model.vocab,
                                 questions=n.get("image-dependence", 2), counts=n.get("counts", 0),
-                                captions=n.get("caption-dependence", n.get("description-dependence", 2)),
+                                captions=n.get("caption-dependence", n.get("description-dependence",
+                                                                           n.get("layout-dependence", 2))),
                                 template=resolve_template(args.template, inference.tokenizer),
                                 system=model.config.system_prompt, prompt=args.prompt, device=model.code_sem.device,
                                 seed=args.seed, **asking)  # fmt: skip
     measure = {"image-dependence": diag.image_dependence,
                "caption-dependence": lambda m: diag.caption_dependence(m, cells=True),
+               "layout-dependence": diag.layout_dependence,
                "description-dependence": diag.description_dependence, "counts": diag.count_accuracy}[args.command]  # fmt: skip
     with inference.precision.autocast(model.code_sem.device):
         result = measure(model)

@@ -9,6 +9,11 @@
     caption dependence  teacher-forced image NLL (nats per image token) of each scene's image after its caption, the
                         empty caption (the unconditional prompt) and another scene's caption (the same derangement);
                         gap = NLL(empty) - NLL(true) > 0 when the caption helps, 0 for a model that ignores it.
+    layout dependence   teacher-forced image NLL per token on the grid cells objects overlap, after each scene's region
+                        description (`describe`) and after the same description with its region words mirrored
+                        (`mirror_regions`: left <-> right, top <-> bottom; scenes whose objects are all centred are
+                        left out); gap = NLL(mirrored) - NLL(true) > 0 when generation reads where things go, 0 for a
+                        model that draws what the caption names but anywhere.
     description dependence  teacher-forced text NLL (nats per token) of each scene's caption as the answer to LLaVA's
                         first brief-description instruction, with the scene's own image and with another scene's
                         (the same derangement); gap = NLL(swapped) - NLL(real) > 0 when the description reads the image.
@@ -43,13 +48,15 @@ from mllm.constants import GENERATION_PROMPT, IMAGE_PLACEHOLDER
 from mllm.data.mixture import BRIEF_INSTRUCTIONS, LMSample, SampleBuilder, Skip, box_cells, collate_lm
 from mllm.synthetic.questions import NO, YES, count_question, existence_question
 from mllm.synthetic.scene import CATEGORIES, SHAPES, Scene
+from mllm.synthetic.text import describe, mirror_regions
 from mllm.vocab import VisualVocab
 from semhitok import SemHiTok, TokenGrid
 from semhitok.runtime import load_image, read_jsonl, to_tensor
 
 SCENES_NAME = "scenes.jsonl"
 COUNT_ANSWERS = tuple(str(k) for k in range(6))  # the answers a count question is scored over
-LOG_KEYS = ("diag/image_auc", "diag/image_auc_swapped", "diag/caption_gap", "diag/description_gap")  # the trainer logs
+LOG_KEYS = ("diag/image_auc", "diag/image_auc_swapped", "diag/caption_gap", "diag/description_gap",
+            "diag/layout_gap")  # the trainer logs these
 COUNT_LOG_KEYS = ("diag/count_accuracy", "diag/count_accuracy_swapped")  # ... and these when it has count questions
 
 
@@ -301,6 +308,30 @@ class DiagnosticSet:
                                       for lv in ("semantic", "texture"))  # fmt: skip
         return out
 
+    def layout_dependence(self, model: Any) -> dict[str, Any]:
+        """Image NLL per token on object and background cells (semantic + texture) after each caption scene's region
+        description and after it mirrored; gap = mirrored - true, and the share of scenes whose object cells cost less
+        after their true description. Needs a model with `image_token_nll`."""
+        scenes = [s for s in self.scenes[: self.captions] if mirror_regions(describe(s.scene)) != describe(s.scene)]
+        if len(scenes) < 2:
+            raise DiagnosticsError(f"layout dependence needs at least 2 scenes with an object off centre, got {len(scenes)}")
+        masks = [object_cells(s.scene, *self.builder.codes.grid(s.image).semantic.shape[-2:]) for s in scenes]
+        per_scene: dict[str, dict[str, np.ndarray]] = {}
+        for name, caption in (("true", describe), ("mirrored", lambda sc: mirror_regions(describe(sc)))):
+            samples = [self._build(lambda s=s, c=caption: self.builder.generation(c(s.scene), s.image), s.image)
+                       for s in scenes]
+            nll = [t.sum(-1) for t in score_image_tokens(model, samples, self.device, self.batch_size)]  # (n_image,)
+            per_scene[name] = {where: np.array([n[m == pick].mean() if (m == pick).any() else np.nan
+                                                for n, m in zip(nll, masks, strict=True)])
+                               for where, pick in (("object", True), ("background", False))}  # fmt: skip
+        out: dict[str, Any] = {"scenes": len(scenes)}
+        for where in ("object", "background"):
+            true, mirrored = per_scene["true"][where], per_scene["mirrored"][where]
+            out |= {f"nll_true_{where}": float(np.nanmean(true)), f"nll_mirrored_{where}": float(np.nanmean(mirrored)),
+                    f"gap_{where}": float(np.nanmean(mirrored - true))}  # fmt: skip
+        obj = per_scene["true"]["object"] < per_scene["mirrored"]["object"]
+        return {**out, "gap": out["gap_object"], "share_true_lower": float(obj.mean())}
+
     def description_dependence(self, model: Scorer) -> dict[str, Any]:
         """Mean text NLL per token of each caption scene's description with its own and with a swapped image; gap =
         swapped - real, and the share of scenes whose description costs less with their own image."""
@@ -335,17 +366,22 @@ class DiagnosticSet:
         return result
 
     def log_record(self, model: nn.Module) -> dict[str, float]:
-        """The trainer's cheap record: `LOG_KEYS` from the three diagnostics (and `COUNT_LOG_KEYS` when the set holds
-        count questions), the model in eval mode (no dropout; its mode is restored)."""
+        """The trainer's cheap record: `LOG_KEYS` from the four diagnostics (the layout gap NaN when fewer than 2 caption
+        scenes have an object off centre; `COUNT_LOG_KEYS` too when the set holds count questions), the model in eval
+        mode (no dropout; its mode is restored)."""
         was_training = model.training
         model.eval()
         try:
             image, caption = self.image_dependence(model), self.caption_dependence(model)
             description = self.description_dependence(model)
+            try:
+                layout = self.layout_dependence(model)["gap"]
+            except DiagnosticsError:
+                layout = float("nan")
             counts = self.count_accuracy(model) if self.counts else None
         finally:
             model.train(was_training)
-        values = (image["auc"], image["auc_swapped"], caption["gap"], description["gap"])
+        values = (image["auc"], image["auc_swapped"], caption["gap"], description["gap"], layout)
         record = dict(zip(LOG_KEYS, values, strict=True))
         if counts:
             record |= dict(zip(COUNT_LOG_KEYS, (counts["accuracy"], counts["accuracy_swapped"]), strict=True))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -92,9 +93,11 @@ class MLLMConfig:
     system_prompt: the system prompt every conversation is rendered with, in training (the data) and inference (chat,
     generate, lmms-eval, GenEval): "" none (a default the chat template injects is removed), null the template's own
     default (what checkpoints saved before this key were trained with), other text that prompt.
-    image_position: add a trainable embedding of the token's grid cell (row-major place in its image, H*W rows of D,
-    initialised to 0, so a model gaining it starts as it was) to each image id's input embedding, in understanding
-    and generation alike; it trains with `train_adapter`."""
+    image_position: add a trainable embedding of the token's grid cell (row-major place in its image, H*W rows of D)
+    to each image id's input embedding, in understanding and generation alike; it trains with `train_adapter`.
+    image_position_init: where those rows start: "zeros" (a model gaining them starts as it was) or "sincos" (a 2D
+    sine-cosine code of (row, column), `grid_sincos`, each row of norm 1: the cell is readable from the first step).
+    Only a model that gains the rows uses it; saved rows load over it."""
 
     llm: str  # local HF folder of the base causal LM
     semhitok: str  # SemHiTok checkpoint folder (config.json + model.safetensors)
@@ -111,6 +114,7 @@ class MLLMConfig:
     image_input: Literal["adapter", "embedding", "both"] = "adapter"  # what embeds image ids (see the class doc)
     system_prompt: str | None = ""  # of every conversation, training and inference: "" none, null the template's own
     image_position: bool = False  # + a trainable embedding of each image id's grid cell (see the class doc)
+    image_position_init: Literal["zeros", "sincos"] = "zeros"  # where those rows start (see the class doc)
     train_adapter: bool = True
     train_head: bool = True
     train_special_tokens: bool = True
@@ -131,7 +135,7 @@ ADDED_KEYS = ("image_grid",)  # newer than some saved checkpoints: filled from t
 # image ids went through the adapter only (no grid-cell rows), and conversations carried the template's default system
 # prompt.
 LEGACY_VALUES: Mapping[str, object] = MappingProxyType({"image_input": "adapter", "system_prompt": None,
-                                                        "image_position": False})  # fmt: skip
+                                                        "image_position": False, "image_position_init": "zeros"})  # fmt: skip
 
 
 def read_config(path: Path) -> MLLMConfig:
@@ -329,6 +333,21 @@ class SpecialRows(nn.Module):
             output.weight[self.ids] = self.head.to(output.weight.dtype)
 
 
+def grid_sincos(h: int, w: int, dim: int, norm: float = 1.0) -> Tensor:
+    """(h*w, dim) float32, row-major: a 2D sine-cosine code of each cell's (row, column), a quarter of the dims each
+    for sin / cos of the row and of the column (any remainder 0), at angular frequencies from pi (period 2 cells) down
+    to pi / (2 max(h, w)) (period 4 max(h, w): monotone across the grid), geometric; every row has norm `norm`."""
+    quarter = dim // 4
+    if quarter < 1:
+        raise ValueError(f"grid_sincos needs dim >= 4, got {dim}")
+    n = max(h, w)
+    omega = math.pi * (1 / (2 * n)) ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    r, c = rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega  # (h*w, quarter)
+    code = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=-1) * (norm / math.sqrt(2 * quarter))
+    return F.pad(code, (0, dim - 4 * quarter)).float()
+
+
 def image_cells(image: Tensor) -> Tensor:
     """Image-id mask (B, L) bool -> (B, L) int64: each image id's place in its run of consecutive image ids (0 at the
     run's first; an image's ids are one run between `<boi>` and `<eoi>`), 0 at other positions."""
@@ -385,7 +404,9 @@ class SemHiTokLM(nn.Module):
         cells = self.config.image_grid[0] * self.config.image_grid[1]
         self.image_position = nn.Embedding(cells, hidden) if config.image_position else None  # (H*W, D)
         if self.image_position is not None:
-            nn.init.zeros_(self.image_position.weight)
+            with torch.no_grad():
+                self.image_position.weight.copy_(grid_sincos(*self.config.image_grid, hidden)
+                                                 if config.image_position_init == "sincos" else 0)  # fmt: skip
         trains = {"adapter": config.train_adapter and config.image_input != "embedding", "head": config.train_head,
                   "special": config.train_special_tokens, "image_embedding": config.train_adapter,
                   "image_position": config.train_adapter}  # fmt: skip

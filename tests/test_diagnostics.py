@@ -28,7 +28,7 @@ from mllm.diagnostics import (
 from mllm.model import MLLMConfig, SemHiTokLM
 from mllm.synthetic.dataset import write_dataset
 from mllm.synthetic.scene import SHAPES, Scene
-from mllm.synthetic.text import plural
+from mllm.synthetic.text import describe, mirror_regions, plural
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab
 from semhitok import PRESETS, SemHiTok
@@ -252,6 +252,53 @@ def test_the_forward_weights_image_targets_by_label_weights_per_level(world, hea
     assert float(weighted["image_semantic"]) != pytest.approx(float(plain["image_semantic"]), rel=1e-4)
 
 
+class Placer:
+    """A scorer of image tokens that knows where each object is only when told by the right region words: every
+    object cell costs 1 nat after the scene's true region description and 3 after any other caption (`knows_where`
+    False: 1 after either, a model that draws what is named anywhere); background cells cost 0.5 either way."""
+
+    def __init__(self, diag, knows_where: bool = True):
+        self.diag, self.knows_where = diag, knows_where
+        codes, vocab = diag.builder.codes, diag.builder.vocab
+        self.scene_of = {tuple(vocab.to_ids(codes.grid(s.image))[0].tolist()): s for s in diag.scenes}
+
+    def image_token_nll(self, input_ids, attention_mask, labels) -> list[torch.Tensor]:
+        vocab, tokenizer, out = self.diag.builder.vocab, self.diag.builder.tokenizer, []
+        for ids, mask, lab in zip(input_ids, attention_mask, labels, strict=True):
+            ids, lab = ids[mask.bool()], lab[mask.bool()]
+            targets = lab[vocab.is_image_id(lab)]
+            s = self.scene_of[tuple(targets.tolist())]
+            told = describe(s.scene) in tokenizer.decode(ids[~vocab.is_image_id(ids)]) or not self.knows_where
+            h, w = self.diag.builder.codes.grid(s.image).semantic.shape[-2:]
+            cells = torch.from_numpy(object_cells(s.scene, h, w))
+            nll = torch.where(cells, 1.0 if told else 3.0, 0.5)
+            out.append(torch.stack([nll / 2, nll / 2], dim=-1))  # (n_image, 2): the two levels share it
+        return out
+
+
+def test_layout_dependence_reads_whether_the_region_words_place_the_objects(world):
+    """Object cells after the true vs the mirrored region description: 2 nats apart for a scorer that places objects by
+    the region words, 0 for one that ignores them; background cells never move. Scenes whose objects are all centred
+    (the mirror changes nothing) are left out."""
+    diag = diagnostic_set(world, captions=12)
+    placed = diag.layout_dependence(Placer(diag))
+    kept = [s for s in diag.scenes if mirror_regions(describe(s.scene)) != describe(s.scene)]
+    assert placed["scenes"] == len(kept) >= 2
+    assert placed["nll_true_object"] == 1.0 and placed["nll_mirrored_object"] == 3.0 and placed["gap"] == 2.0
+    assert placed["gap_background"] == 0.0 and placed["share_true_lower"] == 1.0
+    blind = diag.layout_dependence(Placer(diag, knows_where=False))
+    assert blind["gap"] == 0.0 and blind["share_true_lower"] == 0.0 and blind["nll_true_object"] == 1.0
+
+
+def test_mirror_regions_swaps_sides_and_keeps_the_rest():
+    d = "There are three objects on a light dotted background: a red circle at the top left, a blue star on the right and a green cross in the center."
+    assert mirror_regions(d) == ("There are three objects on a light dotted background: a red circle at the bottom "
+                                 "right, a blue star on the left and a green cross in the center.")  # fmt: skip
+    assert mirror_regions(mirror_regions(d)) == d
+    with pytest.raises(ValueError, match="not a region description"):
+        mirror_regions("a red circle at the top left")
+
+
 def test_object_cells_are_the_cells_a_box_overlaps():
     scene = Scene.from_dict({"objects": [{"shape": "circle", "color": "red", "center": [0.5, 0.5], "size": 0.25},
                                          {"shape": "star", "color": "blue", "center": [0.1, 0.9], "size": 0.16}],
@@ -319,6 +366,11 @@ def test_cli_writes_both_diagnostics_and_names_bad_input(world, tmp_path, capsys
     assert code == 2 and "exactly one {shapes} (where 'stars' goes)" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["counts", *common, "--n", "30"], capsys)
     assert code == 2 and "30 count questions" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["layout-dependence", *common, "--n", "8", "--out", tmp_path / "layout.json"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "layout.json").read_text())
+    assert 2 <= result["scenes"] <= 8 and result["gap"] == pytest.approx(result["nll_mirrored_object"] - result["nll_true_object"], abs=1e-5)
+    assert "share_true_lower" in out
     code, out, err = run_cli(["description-dependence", *common, "--n", "3", "--out", tmp_path / "d.json"], capsys)
     assert code == 0, err
     result = json.loads((tmp_path / "d.json").read_text())

@@ -29,6 +29,7 @@ from mllm.model import (
     SemHiTokLM,
     build_image_head,
     chunked_loss,
+    grid_sincos,
 )
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.vocab import VisualVocab, VocabError
@@ -629,3 +630,17 @@ def test_inference_prompts_render_as_the_training_data(assets, system):
     system_text = VICUNA_SYSTEM if system is None else system  # words of the word-level tokenizer (no BOS)
     expected = f"{system_text} USER: <image> what color is it ASSISTANT:"
     assert len(prompt) == len(tokenizer(expected)["input_ids"]) - 1 + 18  # <image> -> <boi> + 16 ids + <eoi>
+
+
+def test_grid_sincos_codes_row_and_column_at_unit_norm():
+    """Each cell's row of norm 1; equal rows share the row quarters, equal columns the column ones; a neighbour is more
+    alike than a far cell; dims beyond a multiple of 4 stay 0."""
+    code = grid_sincos(4, 6, 42)  # quarter = 10, 2 padding dims
+    assert code.shape == (24, 42) and torch.allclose(code.norm(dim=-1), torch.ones(24))
+    grid = code.reshape(4, 6, 42)
+    assert torch.equal(grid[1, 0, :20], grid[1, 5, :20]) and torch.equal(grid[0, 3, 20:40], grid[3, 3, 20:40])
+    assert not grid[..., 40:].any()
+    sim = code @ code[0]
+    assert sim[0] > sim[1] > sim[5] and sim[0] > sim[6] > sim[18]  # along row 0, down column 0
+    with pytest.raises(ValueError, match="dim >= 4"):
+        grid_sincos(2, 2, 3)

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 from mllm.conversation import IGNORE_INDEX
 from mllm.data.mixture import LMSample
 from mllm.diagnostics import COUNT_LOG_KEYS, LOG_KEYS
-from mllm.model import PARTS_NAME, SemHiTokLM
+from mllm.model import PARTS_NAME, SemHiTokLM, grid_sincos
 from mllm.text_tokenizer import load_text_tokenizer
 from mllm.train import (
     STAGE_PARTS,
@@ -487,6 +487,11 @@ def test_a_lora_stage_carries_its_lora_into_the_next_lora_stage(world, tmp_path)
                                  "model.image_position=true", f"train.init_from={first / 'model'}"))  # fmt: skip
     assert not cells.image_position.weight.any() and cells.image_position.weight.requires_grad  # a new part: at 0
     assert torch.equal(cells.adapter.proj.weight, saved.adapter.proj.weight)
+    coded = build_model(tiny_run(world, tmp_path, "train.stage=t2i", "model.train_llm=lora", "model.lora.r=4",
+                                 "model.image_position=true", "model.image_position_init=sincos",
+                                 f"train.init_from={first / 'model'}"))  # fmt: skip
+    h, w = coded.config.image_grid
+    assert torch.equal(coded.image_position.weight, grid_sincos(h, w, coded.image_position.weight.shape[1]))  # kept
 
 def test_export_step_writes_a_checkpoint_as_a_model_folder(world, tmp_path):
     """--export-step N: checkpoint N as a model folder (the last one equals the run's own model/), nothing trained;

@@ -6,6 +6,7 @@ relation (`scene.relative_position`); regions (thirds of the image) only in the 
 
 from __future__ import annotations
 
+import re
 from types import MappingProxyType
 
 from mllm.synthetic.scene import Scene, SceneObject, relative_position
@@ -113,6 +114,18 @@ def describe(scene: Scene) -> str:
     )
     head = f"There {'is' if n == 1 else 'are'} {noun_phrase(n, 'object')} on {background_phrase(scene)}"
     return f"{head}: {things}."
+
+
+MIRRORED_SIDES = MappingProxyType({"left": "right", "right": "left", "top": "bottom", "bottom": "top"})
+
+
+def mirror_regions(description: str) -> str:
+    """A `describe` caption with every region word mirrored (left <-> right, top <-> bottom), the rest and the order of
+    the objects kept: the same objects, each placed where the scene does not have it (centred ones stay)."""
+    head, sep, things = description.partition(": ")
+    if not is_description(description) or not sep:
+        raise ValueError(f"not a region description: {description[:60]!r}")
+    return head + sep + re.sub(r"\b(left|right|top|bottom)\b", lambda m: MIRRORED_SIDES[m.group(1)], things)
 
 
 def captions(scene: Scene) -> list[str]:

@@ -42,14 +42,14 @@ class DiagnoseConfig:
     """Learning diagnostics during training (DESIGN §9; `mllm.diagnostics`): every `train.diagnose_every` steps (and
     at step 0 of a fresh run) on a fixed held-out synthetic folder `data` (scripts/render_synthetic.py, rendered with
     another seed than the training data; "" = off): the yes/no answer margin AUC with the real vs a swapped image over
-    `questions` balanced questions, the image NLL gap (empty - true caption) and the description NLL gap (swapped -
-    real image) over `captions` scenes -> `diag/image_auc`, `diag/image_auc_swapped`, `diag/caption_gap`,
-    `diag/description_gap` in log.jsonl, and with `counts` > 0 the count accuracy with the real vs a swapped image
-    over that many count questions -> `diag/count_accuracy`, `diag/count_accuracy_swapped` (eval/diagnose.py reports
+    `questions` balanced questions, the image NLL gap (empty - true caption), the description NLL gap (swapped -
+    real image) and the object-cell NLL gap (mirrored - true region description) over `captions` scenes ->
+    `diag/image_auc`, `diag/image_auc_swapped`, `diag/caption_gap`, `diag/description_gap`, `diag/layout_gap` in
+    log.jsonl, and with `counts` > 0 the count accuracy with the real vs a swapped image over that many count questions -> `diag/count_accuracy`, `diag/count_accuracy_swapped` (eval/diagnose.py reports
     the means behind them). Not under ZeRO-3 (its weights are partitioned)."""
 
     data: str = ""
-    questions: int = 32  # cost: 4 scored samples per question, 5 per caption scene (seconds on a GPU)
+    questions: int = 32  # cost: 4 scored samples per question, 7 per caption scene (seconds on a GPU)
     captions: int = 16
     counts: int = 0  # count questions (even; 0 = off); cost: 12 scored samples each
 
