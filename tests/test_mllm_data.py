@@ -37,6 +37,7 @@ from mllm.data.mixture import (
     build_dataset,
     collate_lm,
     load_captions,
+    onset_cells,
 )
 from mllm.synthetic.dataset import write_dataset
 from mllm.vocab import VisualVocab, VocabError
@@ -287,8 +288,9 @@ def test_t2i_repeat_oversamples_records_by_field_value(world):
 
 
 def test_t2i_boxes_weight_the_image_targets_in_object_cells(world, tmp_path):
-    """data.t2i_boxes / t2i_box_weight: a record's boxes give its image targets in the cells they overlap that loss
-    weight (`box_cells`, raster order), every other label 1; the collator carries them as label_weights."""
+    """data.t2i_boxes / t2i_box_weight / t2i_onset_weight: a record's boxes give its image targets in the cells they
+    overlap that loss weight (`box_cells`, raster order) and each box's first cell the onset weight (`onset_cells`),
+    every other label 1; the collator carries them as label_weights."""
     root, text, vocab = world["root"], world["text"], world["vocab"]
     scenes = root / "synth/scenes.jsonl"
     pairs = load_captions(scenes, boxes_key="boxes")
@@ -318,9 +320,17 @@ def test_t2i_boxes_weight_the_image_targets_in_object_cells(world, tmp_path):
             load_captions(bad, boxes_key="boxes")
     with pytest.raises(ValueError, match="box_weight must be finite and > 0"):
         TextToImageDataset(pairs, world["builder"], box_weight=0.0)
+    with pytest.raises(ValueError, match="onset_weight must be finite and > 0"):
+        TextToImageDataset(pairs, world["builder"], onset_weight=float("inf"))
+    onsets = TextToImageDataset(pairs, world["builder"], cfg_dropout=0.0, box_weight=4.0, onset_weight=10.0)[0]
+    first = torch.from_numpy(onset_cells(pairs[0].boxes, h, w))
+    assert 1 <= first.sum() <= len(pairs[0].boxes) and not (first & ~cells).any()
+    assert torch.equal(onsets.weights[image], torch.where(first, 10.0, torch.where(cells, 4.0, 1.0)))
+    assert onset_cells([(0.3, 0.3, 0.9, 0.6), (0.0, 0.8, 0.2, 1.0)], 4, 4).nonzero()[0].tolist() == [5, 12]
     config = DataConfig(codes=str(root / "codes"), stage="t2i", captions=str(scenes), t2i_box_weight=2.0)
-    with pytest.raises(ValueError, match="data.t2i_box_weight needs data.t2i_boxes"):
-        build_dataset(config, text, vocab, root / "tok")
+    for bad_config in (config, dataclasses.replace(config, t2i_box_weight=1.0, t2i_onset_weight=5.0)):
+        with pytest.raises(ValueError, match="t2i_onset_weight need data.t2i_boxes"):
+            build_dataset(bad_config, text, vocab, root / "tok")
     weighted = build_dataset(dataclasses.replace(config, t2i_boxes="boxes"), text, vocab, root / "tok")
     assert any(isinstance(item, LMSample) and item.weights is not None and (item.weights == 2.0).any() for item in weighted)
     with pytest.raises(ValueError, match="no record of .*scenes.jsonl has boxes in 'bbox'"):  # a wrong field name

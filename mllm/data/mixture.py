@@ -18,7 +18,9 @@ Layouts (`SampleBuilder` is the one place they are assembled; ids from the text 
                    `<eoi>` (`<boi>` is given: the sampler appends it). The unconditional prompt is the same with
                    caption "" (`generation_prompt_ids(""...)`). With `data.t2i_box_weight` the image targets in
                    the grid cells a record's boxes overlap get that weight in the weighted image means
-                   (`LMSample.weights`, `collate_lm`'s label_weights).
+                   (`LMSample.weights`, `collate_lm`'s label_weights); with `data.t2i_onset_weight` each box's
+                   first cell in raster order (`onset_cells`: where a raster generator decides to start the object,
+                   the one target of it its earlier ids do not predict) gets that weight.
 Over-long samples: text is cut from the end to `max_length` and counted (`LMSample.num_truncated`), unless the cut
 would remove any image token (a partial image, or an image whose answer is cut anyway): then the sample is skipped
 (IMAGE_CUT), as is one with no label left (NO_TARGETS).
@@ -165,18 +167,23 @@ class SampleBuilder:
             ids, labels = self.vocab.expand_placeholders(ids, labels, self.image_ids(image))
         return self._fit(ids, labels, UNDERSTANDING)
 
-    def generation(self, caption: str, image: str, boxes: Sequence[Box] = (), box_weight: float = 1.0) -> LMSample:
+    def generation(self, caption: str, image: str, boxes: Sequence[Box] = (), box_weight: float = 1.0,
+                   onset_weight: float = 1.0) -> LMSample:  # fmt: skip
         """caption ("" = unconditional) -> prompt + `<boi> ids <eoi>`, labelled on the ids and `<eoi>`. With
         box_weight != 1, the image targets in grid cells that one of `boxes` overlaps get that loss weight
-        (`box_cells`), the others 1."""
+        (`box_cells`); with onset_weight != 1, each box's first cell in raster order gets that one (`onset_cells`);
+        the others 1."""
         segment = self.vocab.segment(self.image_ids(image))[0]  # (h*w + 2,)
         prompt = generation_prompt_ids(caption, self.tokenizer, self.conversation, self.prompt)
         labels = torch.cat([torch.full((len(prompt) + 1,), IGNORE_INDEX), segment[1:]])  # <boi> is given
         weights = None
-        if box_weight != 1.0 and boxes:
-            cells = torch.from_numpy(box_cells(boxes, *self.codes.grid(image).semantic.shape[-2:]))
+        if (box_weight != 1.0 or onset_weight != 1.0) and boxes:
+            h, w = self.codes.grid(image).semantic.shape[-2:]
             weights = torch.ones(len(labels))
-            weights[len(prompt) + 1 : len(prompt) + 1 + len(cells)][cells] = box_weight
+            cells = weights[len(prompt) + 1 : len(prompt) + 1 + h * w]  # a view: the image targets' weights
+            cells[torch.from_numpy(box_cells(boxes, h, w))] = box_weight
+            if onset_weight != 1.0:
+                cells[torch.from_numpy(onset_cells(boxes, h, w))] = onset_weight
         return self._fit(torch.cat([prompt, segment]), labels, GENERATION, weights)
 
     def _fit(self, ids: Tensor, labels: Tensor, direction: str, weights: Tensor | None = None) -> LMSample:
@@ -201,6 +208,18 @@ def box_cells(boxes: Sequence[Box], h: int, w: int) -> np.ndarray:
         rows = [r for r in range(h) if min(y1, (r + 1) / h) > max(y0, r / h)]
         mask[np.ix_(rows, cols)] = True
     return mask.reshape(-1)
+
+
+def onset_cells(boxes: Sequence[Box], h: int, w: int) -> np.ndarray:
+    """(h*w,) bool in raster order: for each of `boxes`, the first cell (raster order) it overlaps, where a raster
+    generator meets the object first. The rest of an object is mostly predictable from the ids drawn before it;
+    whether and where an object starts is what a layout ("at the top left") decides."""
+    mask = np.zeros(h * w, dtype=bool)
+    for box in boxes:
+        cells = np.flatnonzero(box_cells([box], h, w))
+        if len(cells):
+            mask[cells[0]] = True
+    return mask
 
 
 def _build(index: int, key: str, make: Callable[[], LMSample]) -> LMSample | BadItem:
@@ -378,13 +397,14 @@ class TextToImageDataset(_Source):
     """Generation samples: a caption drawn per (epoch, index), replaced by "" with probability `cfg_dropout`."""
 
     def __init__(self, pairs: Sequence[CaptionPair], builder: SampleBuilder, cfg_dropout: float = 0.1, seed: int = 0,
-                 box_weight: float = 1.0):  # fmt: skip
+                 box_weight: float = 1.0, onset_weight: float = 1.0):  # fmt: skip
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
-        if not (math.isfinite(box_weight) and box_weight > 0):
-            raise ValueError(f"box_weight must be finite and > 0, got {box_weight}")
+        for name, value in (("box_weight", box_weight), ("onset_weight", onset_weight)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
         self.pairs, self.builder, self.cfg_dropout, self.seed = list(pairs), builder, cfg_dropout, seed
-        self.box_weight = box_weight
+        self.box_weight, self.onset_weight = box_weight, onset_weight
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -396,11 +416,12 @@ class TextToImageDataset(_Source):
         return "" if rng.random() < self.cfg_dropout else caption
 
     def sample(self, index: int, epoch: int) -> LMSample | BadItem:
-        """The generation sample; its object cells weighted by `box_weight` unless the caption was dropped (the
-        weighting points the loss at what a caption says)."""
+        """The generation sample; its object cells weighted by `box_weight` and their onsets by `onset_weight` unless
+        the caption was dropped (the weighting points the loss at what a caption says)."""
         p, caption = self.pairs[index], self.caption(index, epoch)
         boxes = p.boxes if caption else ()
-        return _build(index, p.image, lambda: self.builder.generation(caption, p.image, boxes, self.box_weight))
+        return _build(index, p.image, lambda: self.builder.generation(caption, p.image, boxes, self.box_weight,
+                                                                      self.onset_weight))  # fmt: skip
 
     def length_hint(self, index: int, epoch: int) -> int:
         return len(self.builder.prompt) + len(self.caption(index, epoch)) + IMAGE_HINT
@@ -518,6 +539,7 @@ class DataConfig:
     # by weight (`load_captions(sources=...)`), e.g. {captions: 1, geneval.prompt: 1}; {} = caption_key uniformly
     t2i_boxes: str = ""  # field of the captions records holding the objects' boxes (synthetic scenes: "boxes")
     t2i_box_weight: float = 1.0  # loss weight of the image targets in cells those boxes overlap (1: no weighting)
+    t2i_onset_weight: float = 1.0  # loss weight of each box's first cell in raster order (`onset_cells`; 1: none)
     t2i_repeat: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # oversample kinds of record for "t2i":
     # field -> {value: times}, e.g. {geneval.tag: {counting: 3, position: 3}} (`load_captions(repeat=...)`)
     template: str = "chat_template"
@@ -552,11 +574,14 @@ def _make_source(name: str, config: DataConfig, builder: SampleBuilder) -> _Sour
         return ConversationDataset(path, builder)
     if name == "caption":
         return CaptionDataset(load_captions(path, caption_key=config.caption_key), builder, config.seed)
-    if config.t2i_box_weight != 1.0 and not config.t2i_boxes:
-        raise ValueError("data.t2i_box_weight needs data.t2i_boxes: the captions field that holds the boxes")
+    weighted = config.t2i_box_weight != 1.0 or config.t2i_onset_weight != 1.0
+    if weighted and not config.t2i_boxes:
+        raise ValueError("data.t2i_box_weight / t2i_onset_weight need data.t2i_boxes: the captions field that holds "
+                         "the boxes")  # fmt: skip
     pairs = load_captions(path, caption_key=config.caption_key, sources=dict(config.t2i_captions) or None,
                           boxes_key=config.t2i_boxes, repeat=config.t2i_repeat)  # fmt: skip
-    if config.t2i_box_weight != 1.0 and not any(p.boxes for p in pairs):
+    if weighted and not any(p.boxes for p in pairs):
         raise ValueError(f"data.t2i_boxes: no record of {path} has boxes in {config.t2i_boxes!r} (rendered before "
                          "scenes.jsonl recorded them? render the data again)")  # fmt: skip
-    return TextToImageDataset(pairs, builder, config.cfg_dropout, config.seed, config.t2i_box_weight)
+    return TextToImageDataset(pairs, builder, config.cfg_dropout, config.seed, config.t2i_box_weight,
+                              config.t2i_onset_weight)

@@ -4,10 +4,14 @@
 #            (OUT/geneval-s<seed>/results.json; the mean over the seeds printed at the end)
 #   geneval-expand  the same with prompt expansion (`--expand`: the model writes each prompt out as a scene
 #            description, then draws it; OUT/geneval-expand-s<seed>/)
+#   layout   drawing from a written layout: eval/diagnose.py layout-dependence (100 scenes: object-cell NLL after the
+#            region description vs its regions mirrored) and GenEval of the first 64 position and 64 counting scenes
+#            with their own region description as the prompt (scripts/experiments/layout_prompts.py), 2 images each
+#            per seed (OUT/layout-<tag>-s<seed>/)
 #   diag     eval/diagnose.py image-dependence / counts (200 questions), caption-dependence (100 scenes)
 #   lmms     eval/run_lmms.py --tasks demo_pope,demo_mme --limit 300 on tasks built from the same scenes
 #
-#   bash scripts/experiments/eval_mllm.sh MODEL OUT [SEEDS="0 1 2"] [PARTS="geneval diag lmms"; also geneval-expand]
+#   bash scripts/experiments/eval_mllm.sh MODEL OUT [SEEDS="0 1 2"] [PARTS="geneval diag lmms"; also geneval-expand, layout]
 #
 # MODEL: an MLLM folder (<train.out_dir>/model, mllm/demo/mllm). Needs the held-out scenes of docs/demo.md:
 #   python scripts/render_synthetic.py --out runs/demo/data/heldout --num 1000 --size 64 --seed 1
@@ -41,6 +45,18 @@ print(f"GenEval overall per seed {[round(v, 3) for v in overall]}, mean {sum(ove
       ", ".join(f"{t} {sum(v) / len(v):.2f}" for t, v in tags.items()))
 EOF
       ;;
+    layout)
+      $py eval/diagnose.py layout-dependence --model "$model" --data "$data" --n 100 --out "$out/layout-dependence.json"
+      for tag in position counting; do
+        $py scripts/experiments/layout_prompts.py "$data" --tag $tag --limit 64 --out "$out/layout-$tag.jsonl"
+        for seed in $seeds; do
+          dir=$out/layout-$tag-s$seed
+          [ -f "$dir/results.json" ] || $py eval/geneval.py generate --checkpoint "$model" --metadata "$out/layout-$tag.jsonl" \
+            --out "$dir" --cfg 3 --num-images 2 --seed "$seed" > /dev/null
+          echo "layout $tag seed $seed: $($py eval/geneval.py score --images "$dir" | grep "^$tag ")"
+        done
+      done
+      ;;
     diag)
       $py eval/diagnose.py image-dependence --model "$model" --data "$data" --n 200 --out "$out/image-dependence.json"
       $py eval/diagnose.py counts --model "$model" --data "$data" --n 200 --out "$out/counts.json"
@@ -51,6 +67,6 @@ EOF
       $py eval/run_lmms.py --tasks demo_pope,demo_mme --model-path "$model" --include-path "$out/lmms_tasks" \
         --limit 300 --output "$out/lmms"
       ;;
-    *) echo "error: unknown part $part (geneval, geneval-expand, diag, lmms)" >&2; exit 2 ;;
+    *) echo "error: unknown part $part (geneval, geneval-expand, layout, diag, lmms)" >&2; exit 2 ;;
   esac
 done
