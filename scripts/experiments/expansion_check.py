@@ -22,12 +22,14 @@ from mllm.evaluation.geneval import expand_entries, load_metadata
 from mllm.sampling import load_for_inference
 
 NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+REGION = r"(?:at|on|in) the (?:(?:top|bottom) (?:left|right)|top|bottom|left|right|center)"  # `text.region`
 SIDE = {"right of": (0, 1), "left of": (0, -1), "above": (1, -1), "below": (1, 1)}  # (axis, sign of a - b)
 
 
 def place(description: str, shape: str) -> tuple[int, int] | None:
     """(column, row) in thirds (0..2) of the first `shape` the description places, None if it names none."""
-    m = re.search(rf"\b{shape}\b ((?:at|on|in) the [a-z ]+?)(?:,| and |\.|$)", description)
+    m = re.search(rf"({REGION}) an? [a-z]+ {shape}\b", description)  # region first (`describe`)
+    m = m or re.search(rf"\b{shape} ({REGION})\b", description)  # region after (descriptions before session 17)
     if not m:
         return None
     words = m.group(1)
