@@ -53,6 +53,7 @@ COMMANDS = {  # command -> (help, default --n, what --n counts)
 }
 
 
+SCENE_COMMANDS = ("caption-dependence", "layout-dependence", "description-dependence")  # --n counts caption scenes
 WORDINGS = {  # command -> (the placeholder of its --question, what goes there, an example of it, an example wording)
     "image-dependence": ("{object}", with_article, "a red circle", "Can you see {object}?"),
     "counts": ("{shapes}", plural, "stars", "How many {shapes} do you see?"),
@@ -99,8 +100,7 @@ def run(args: argparse.Namespace) -> dict:
     model, n = inference.model, {args.command: args.n}
     diag = build_diagnostic_set(args.data, inference.semhitok, inference.tokenizer, model.vocab,
                                 questions=n.get("image-dependence", 2), counts=n.get("counts", 0),
-                                captions=n.get("caption-dependence", n.get("description-dependence",
-                                                                           n.get("layout-dependence", 2))),
+                                captions=args.n if args.command in SCENE_COMMANDS else 2,
                                 template=resolve_template(args.template, inference.tokenizer),
                                 system=model.config.system_prompt, prompt=args.prompt, device=model.code_sem.device,
                                 seed=args.seed, **asking)  # fmt: skip

@@ -292,10 +292,7 @@ class DiagnosticSet:
     def _cell_split(self, scenes: Sequence[HeldOutScene], tokens: dict[str, list[np.ndarray]]) -> dict[str, Any]:
         """Per-token NLL on object / background cells, semantic / texture level, true and empty caption, from the
         per-token NLL of each scene's image (`score_image_tokens`)."""
-        masks = []
-        for s in scenes:
-            grid = self.builder.codes.grid(s.image)
-            masks.append(object_cells(s.scene, *grid.semantic.shape[-2:]))
+        masks = self._object_masks(scenes)
         out: dict[str, Any] = {"object_cell_share": float(np.mean(np.concatenate(masks)))}
         for name in ("true", "empty"):
             nll = tokens[name]
@@ -312,14 +309,21 @@ class DiagnosticSet:
         """Image NLL per token on object and background cells (semantic + texture) after each caption scene's region
         description and after it mirrored; gap = mirrored - true, and the share of scenes whose object cells cost less
         after their true description. Needs a model with `image_token_nll`."""
-        scenes = [s for s in self.scenes[: self.captions] if mirror_regions(describe(s.scene)) != describe(s.scene)]
+        described = [(s, describe(s.scene)) for s in self.scenes[: self.captions]]
+        told = {"true": [], "mirrored": []}  # the captions of the scenes kept: those with an object off centre
+        scenes = []
+        for s, d in described:
+            if (mirrored := mirror_regions(d)) != d:
+                scenes.append(s)
+                told["true"].append(d)
+                told["mirrored"].append(mirrored)
         if len(scenes) < 2:
             raise DiagnosticsError(f"layout dependence needs at least 2 scenes with an object off centre, got {len(scenes)}")
-        masks = [object_cells(s.scene, *self.builder.codes.grid(s.image).semantic.shape[-2:]) for s in scenes]
+        masks = self._object_masks(scenes)
         per_scene: dict[str, dict[str, np.ndarray]] = {}
-        for name, caption in (("true", describe), ("mirrored", lambda sc: mirror_regions(describe(sc)))):
-            samples = [self._build(lambda s=s, c=caption: self.builder.generation(c(s.scene), s.image), s.image)
-                       for s in scenes]
+        for name, captions in told.items():
+            samples = [self._build(lambda s=s, c=c: self.builder.generation(c, s.image), s.image)
+                       for s, c in zip(scenes, captions, strict=True)]  # fmt: skip
             nll = [t.sum(-1) for t in score_image_tokens(model, samples, self.device, self.batch_size)]  # (n_image,)
             per_scene[name] = {where: np.array([n[m == pick].mean() if (m == pick).any() else np.nan
                                                 for n, m in zip(nll, masks, strict=True)])
@@ -331,6 +335,10 @@ class DiagnosticSet:
                     f"gap_{where}": float(np.nanmean(mirrored - true))}  # fmt: skip
         obj = per_scene["true"]["object"] < per_scene["mirrored"]["object"]
         return {**out, "gap": out["gap_object"], "share_true_lower": float(obj.mean())}
+
+    def _object_masks(self, scenes: Sequence[HeldOutScene]) -> list[np.ndarray]:
+        """Per scene, (h*w,) bool: the cells of its code grid that its objects overlap (`object_cells`)."""
+        return [object_cells(s.scene, *self.builder.codes.grid(s.image).semantic.shape[-2:]) for s in scenes]
 
     def description_dependence(self, model: Scorer) -> dict[str, Any]:
         """Mean text NLL per token of each caption scene's description with its own and with a swapped image; gap =

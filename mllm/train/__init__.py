@@ -22,8 +22,8 @@ The optimised loss (`train.loss`, `objectives.LossConfig`): by default the text 
 A run lives in `train.out_dir`: `config.yaml`, `log.jsonl` (one record per `log_every` steps: loss (the optimised
 loss, mean over micro-batches), loss_text, loss_image (token means), lr, grad_norm, tokens/s, samples per direction,
 skipped and truncated samples; with `train.diagnose_every`, records of the learning diagnostics `diag/image_auc`,
-`diag/image_auc_swapped`, `diag/caption_gap`, `diag/description_gap`, `diag/layout_gap` (and `diag/count_accuracy[_swapped]` with
-`train.diagnose.counts`) at step 0 and every so many steps: `mllm.diagnostics`), `curves.png`
+`diag/image_auc_swapped`, `diag/caption_gap`, `diag/description_gap`, `diag/layout_gap` (and
+`diag/count_accuracy[_swapped]` with `train.diagnose.counts`) at step 0 and every so many steps: `mllm.diagnostics`), `curves.png`
 (every metric of the log, drawn at the end), `checkpoints/step-XXXXXX/` (semhitok's atomic checkpoints: trainable
 weights + optimizer as safetensors, step, data position, every rank's RNG, the run config; COMPLETE marker last), and
 at the end `model/` (`SemHiTokLM.save_pretrained`) and `export/` (`export_merged`: plain HF folder, loadable without

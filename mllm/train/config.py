@@ -45,8 +45,8 @@ class DiagnoseConfig:
     `questions` balanced questions, the image NLL gap (empty - true caption), the description NLL gap (swapped -
     real image) and the object-cell NLL gap (mirrored - true region description) over `captions` scenes ->
     `diag/image_auc`, `diag/image_auc_swapped`, `diag/caption_gap`, `diag/description_gap`, `diag/layout_gap` in
-    log.jsonl, and with `counts` > 0 the count accuracy with the real vs a swapped image over that many count questions -> `diag/count_accuracy`, `diag/count_accuracy_swapped` (eval/diagnose.py reports
-    the means behind them). Not under ZeRO-3 (its weights are partitioned)."""
+    log.jsonl, and with `counts` > 0 the count accuracy with the real vs a swapped image over that many count
+    questions -> `diag/count_accuracy`, `diag/count_accuracy_swapped` (eval/diagnose.py reports the means behind them). Not under ZeRO-3 (its weights are partitioned)."""
 
     data: str = ""
     questions: int = 32  # cost: 4 scored samples per question, 7 per caption scene (seconds on a GPU)
